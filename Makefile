@@ -1,0 +1,31 @@
+# Every target creates .venv on first use; `make install` is a no-op when pyproject.toml is unchanged.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Keep Prefect's local SQLite API and settings inside the checkout (the embedded default).
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+
+.PHONY: install run test lint bench gpu-bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m flows.main $(if $(DATA),--data $(DATA)) $(if $(ROOT),--root $(ROOT)) $(if $(PROFILE),--profile $(PROFILE))
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check dala_model flows tests bench
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check dala_model flows tests bench
+	$(VENV)/bin/ruff format --check dala_model flows tests bench
+
+clean:
+	rm -rf $(VENV) .prefect data .pytest_cache

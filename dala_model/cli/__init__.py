@@ -1,0 +1,54 @@
+"""The `dala` command line.
+
+Each module in this package owns one group of subcommands and exposes
+``register(subparsers)``; this file only assembles them, so a new command never
+touches another's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# Subcommand modules, in the order their commands appear in `dala --help`.
+COMMAND_MODULES = ("models", "data", "train", "registry", "ops")
+
+
+class UsageError(Exception):
+    """A bad argument or input the user can fix; printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dala", description="DALAResNet50 on BreakHis: data, training, inference, reports."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from dala_model.pretrained import PretrainedWeightsUnavailable
+
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError, KeyError, PretrainedWeightsUnavailable) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"dala {args.command}: error: {message}", file=sys.stderr)
+        return 2

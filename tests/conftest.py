@@ -1,0 +1,82 @@
+"""Shared fixtures: a real S3 endpoint (moto's standalone server on 127.0.0.1) and storage roots.
+
+Tests that take ``storage_root`` run once against a local folder and once against the S3
+endpoint through s3fs, so every storage path is exercised on both backends.
+"""
+
+from __future__ import annotations
+
+import socket
+import uuid
+
+import pytest
+
+SHARED_SAMPLE_PARTS = ("shared", "breakhis-sample", "histology_slides")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start moto's standalone S3 server once per session and point the AWS env at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    mp = pytest.MonkeyPatch()
+    for key, value in {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing-key-id",
+        "AWS_SECRET_ACCESS_KEY": "testing-secret-key",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }.items():
+        mp.setenv(key, value)
+    mp.delenv("AWS_PROFILE", raising=False)
+    yield endpoint
+    mp.undo()
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A fresh, empty bucket; returns its ``s3://`` URL."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
+    _clear_s3fs_cache()
+    return f"s3://{name}"
+
+
+def _clear_s3fs_cache() -> None:
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_root(request, tmp_path) -> str:
+    """A writable storage root URL: a local folder, then an S3 bucket prefix."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"{bucket}/root"
+
+
+@pytest.fixture(scope="session")
+def breakhis_sample():
+    """The real BreakHis sample in ../shared, or a skip that says why."""
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parents[1]
+    for base in (here.parent, here):
+        candidate = base.joinpath(*SHARED_SAMPLE_PARTS)
+        if candidate.is_dir():
+            return candidate
+    pytest.skip("real BreakHis sample not found at ../shared/breakhis-sample/histology_slides")

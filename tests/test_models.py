@@ -1,0 +1,267 @@
+"""The registry models: published architecture and counts, forward over every model, pretrained loading."""
+
+from __future__ import annotations
+
+import pickle
+import re
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import torchvision.models as tvm
+from torch import nn
+
+from dala_model import storage
+from dala_model.attention import LightweightAttention
+from dala_model.cli import main as dala
+from dala_model.models import build_model, get_model_spec, list_models, parameter_count
+from dala_model.pretrained import PretrainedWeightsUnavailable
+
+# Small inputs keep the suite fast; torchvision's ViT-B/16 only accepts its native 224 px.
+FORWARD_SIZE = {
+    "dalaresnet50": 64,
+    "resnet50": 64,
+    "seresnet50": 64,
+    "densenet121": 64,
+    "vgg16": 64,
+    "vit_b_16": 224,
+    "swin_b": 64,
+    "dinov2_vitb14": 56,
+}
+
+
+def test_every_registry_model_has_a_forward_size():
+    assert sorted(FORWARD_SIZE) == sorted(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_gives_two_logits_and_meta_count_is_real_count(name):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    size = FORWARD_SIZE[name]
+    with torch.inference_mode():
+        logits = model(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 2)
+    assert torch.isfinite(logits).all()
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(name)
+    assert model.dala_build == {
+        "name": name,
+        "num_classes": 2,
+        "options": get_model_spec(name).options,
+    }
+
+
+def test_num_classes_sets_the_head():
+    model = build_model("densenet121", num_classes=5).eval()
+    with torch.inference_mode():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("dalaresnet50", 25_611_842), ("vgg16", 134_268_738), ("swin_b", 86_745_274)],
+)
+def test_parameter_counts_match_the_paper(name, expected):
+    assert parameter_count(name) == expected
+    assert get_model_spec(name).paper_params == expected
+
+
+def test_dalaresnet50_count_decomposes_as_published():
+    # ResNet50 without fc + one attention block (2048 -> 512 -> 2048, biases) + Linear(2048, 2).
+    backbone = sum(
+        p.numel() for n, p in tvm.resnet50().named_parameters() if not n.startswith("fc.")
+    )
+    attention = sum(p.numel() for p in LightweightAttention(2048, 4).parameters())
+    assert (backbone, attention) == (23_508_032, 2_099_712)
+    assert backbone + attention + 2048 * 2 + 2 == parameter_count("dalaresnet50")
+
+
+def test_attention_is_layer4_last_with_the_published_sequence():
+    model = build_model("dalaresnet50")
+    assert len(model.layer4) == 4
+    attention = model.layer4[-1]
+    assert isinstance(attention, LightweightAttention)
+    layers = list(attention.children())
+    assert [type(m) for m in layers] == [
+        nn.AdaptiveAvgPool2d,
+        nn.Linear,
+        nn.LeakyReLU,
+        nn.Linear,
+        nn.ReLU,
+    ]
+    assert (layers[1].in_features, layers[1].out_features) == (2048, 512)
+    assert (layers[3].in_features, layers[3].out_features) == (512, 2048)
+    assert [type(m) for m in model.fc] == [nn.Dropout, nn.Linear]
+    assert model.fc[0].p == 0.25 and model.fc[1].out_features == 2
+
+
+def test_attention_scales_channels_by_its_dual_activated_weights():
+    torch.manual_seed(0)
+    block = LightweightAttention(channels=8, reduction=2)
+    x = torch.randn(3, 8, 5, 5)
+    context = x.mean(dim=(2, 3))
+    hidden = nn.functional.leaky_relu(context @ block.reduce.weight.T + block.reduce.bias, 0.01)
+    weights = torch.relu(hidden @ block.expand.weight.T + block.expand.bias)
+    torch.testing.assert_close(block(x), x * weights[:, :, None, None])
+
+
+def test_gradient_reaches_the_attention_weights():
+    torch.manual_seed(0)
+    model = build_model("dalaresnet50").train()
+    loss = nn.functional.cross_entropy(model(torch.randn(2, 3, 64, 64)), torch.tensor([0, 1]))
+    loss.backward()
+    attention = model.layer4[-1]
+    for layer in (attention.reduce, attention.expand):
+        assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_gate_and_reduction_options_change_the_module():
+    model = build_model("dalaresnet50", gate="sigmoid", reduction=16, dropout=0.5)
+    attention = model.layer4[-1]
+    assert isinstance(attention.gate, nn.Sigmoid)
+    assert attention.reduce.out_features == 128
+    assert model.fc[0].p == 0.5
+    assert model.dala_build["options"] == {"reduction": 16, "gate": "sigmoid", "dropout": 0.5}
+    assert (
+        parameter_count("dalaresnet50", reduction=16)
+        == 25_611_842 - 2_099_712 + 2 * 2048 * 128 + 128 + 2048
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (
+            lambda: build_model("resnet18"),
+            r"unknown model 'resnet18'; choose one of \['dalaresnet50'",
+        ),
+        (
+            lambda: build_model("vgg16", gate="relu"),
+            r"'vgg16' does not take option\(s\) \['gate'\]",
+        ),
+        (lambda: build_model("dalaresnet50", gate="tanh"), r"gate='tanh' is not one of"),
+        (
+            lambda: build_model("dalaresnet50", reduction=3),
+            r"reduction=3 must be a positive divisor",
+        ),
+        (lambda: build_model("dalaresnet50", dropout=1.0), r"dropout=1.0 must be in \[0, 1\)"),
+        (
+            lambda: build_model("resnet50", pretrained=""),
+            r"pretrained must be False, True or a path",
+        ),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_offline_pretrained_without_cache_fails_fast_and_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("DALA_OFFLINE", "1")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-0676ba61.pth"
+    started = time.perf_counter()
+    with pytest.raises(PretrainedWeightsUnavailable) as info:
+        build_model("dalaresnet50", pretrained=True)
+    assert time.perf_counter() - started < 10
+    message = str(info.value)
+    assert str(expected) in message
+    assert "https://download.pytorch.org/models/resnet50-0676ba61.pth" in message
+    assert "pretrained='<local path or fsspec URL>'" in message
+    assert isinstance(info.value, RuntimeError)
+
+
+def _cache(torch_home: Path, name: str) -> Path:
+    path = torch_home / "hub" / "checkpoints" / get_model_spec(name).weights.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_pretrained_true_loads_the_cached_backbone_and_keeps_attention_and_head_fresh(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("DALA_OFFLINE", "1")
+    torch.manual_seed(1)
+    imagenet = tvm.resnet50()  # a 1000-way ResNet50 in torchvision's file format
+    torch.save(imagenet.state_dict(), _cache(tmp_path, "dalaresnet50"))
+    torch.manual_seed(2)
+    model = build_model("dalaresnet50", pretrained=True)
+    torch.manual_seed(2)
+    fresh = build_model("dalaresnet50")
+    torch.testing.assert_close(model.conv1.weight, imagenet.conv1.weight)
+    torch.testing.assert_close(model.layer4[2].bn3.running_var, imagenet.layer4[2].bn3.running_var)
+    torch.testing.assert_close(model.layer4[3].reduce.weight, fresh.layer4[3].reduce.weight)
+    torch.testing.assert_close(model.fc[1].weight, fresh.fc[1].weight)
+
+
+def test_pretrained_true_reads_torchvision_legacy_densenet_keys(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("DALA_OFFLINE", "1")
+    imagenet = tvm.densenet121()
+    # The published file predates both the "norm1" names and BatchNorm's num_batches_tracked.
+    legacy = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in imagenet.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    torch.save(legacy, _cache(tmp_path, "densenet121"))
+    model = build_model("densenet121", pretrained=True)
+    torch.testing.assert_close(
+        model.features.denseblock1.denselayer1.norm1.weight,
+        imagenet.features.denseblock1.denselayer1.norm1.weight,
+    )
+    assert model.classifier.out_features == 2
+
+
+def test_pretrained_path_loads_a_safetensors_backbone(storage_root):
+    source = tvm.densenet121()
+    uri = storage.join(storage_root, "weights", "densenet121.safetensors")
+    storage.write_bytes_atomic(uri, safetensors.torch.save(source.state_dict()))
+    model = build_model("densenet121", pretrained=uri)
+    torch.testing.assert_close(model.features.conv0.weight, source.features.conv0.weight)
+    assert model.classifier.weight.shape == (2, 1024)
+
+
+def test_pretrained_path_for_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "densenet.pt"
+    torch.save(tvm.densenet121().state_dict(), path)
+    with pytest.raises(ValueError, match=r"weights at .*densenet.pt do not fit model 'resnet50'"):
+        build_model("resnet50", pretrained=str(path))
+
+
+class _Payload:
+    """Unpickling this would create the marker file: proof that a loader executed pickle code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pretrained_pickle_payload_is_refused_and_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"conv1.weight": _Payload(marker)}, protocol=2))
+    with pytest.raises(ValueError, match=r"cannot read weights from .*evil.pth"):
+        build_model("resnet50", pretrained=str(path))
+    assert not marker.exists()
+
+
+def test_pretrained_missing_file_names_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        build_model("resnet50", pretrained=str(tmp_path / "nothing.safetensors"))
+
+
+def test_dala_models_prints_counts_next_to_the_paper(capsys):
+    assert dala(["models"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert set(list_models()) <= set(lines)
+    assert re.search(r"torchvision\s+25,611,842\s+25,611,842\s+yes", lines["dalaresnet50"])
+    assert re.search(r"torchvision\s+134,268,738\s+134,268,738\s+yes", lines["vgg16"])
+    assert re.search(r"timm\s+86,581,250\s+86,582,018\s+no", lines["dinov2_vitb14"])
+    assert "ResNet50_Weights.IMAGENET1K_V1" in lines["dalaresnet50"]
