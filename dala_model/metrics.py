@@ -1,0 +1,306 @@
+"""Imbalance-aware evaluation: the paper's metrics plus the honest ones it does not report.
+
+Labels are 0 = benign and 1 = malignant; malignant is the positive class, so *sensitivity* is
+the recall of malignant tumours and *specificity* the recall of benign ones. Every number comes
+from scikit-learn or imbalanced-learn so that it means exactly what those libraries document;
+the only hand-written formulas are the vectorised confusion-count versions used by
+:func:`bootstrap_ci` (a thousand library calls per run would be too slow), and the tests check
+them against the library values.
+
+Conventions for undefined values (documented once here, applied everywhere):
+
+* precision / recall / F1 / sensitivity / specificity of a class with no samples in the
+  denominator are 0 (scikit-learn's ``zero_division=0``); G-mean and IBA follow from those.
+* ``roc_auc`` and ``average_precision`` are ``None`` when ``y_true`` holds a single class:
+  ranking metrics are undefined there, and 0 would read as "worst possible".
+* ``balanced_accuracy`` is scikit-learn's: the mean recall over the classes present in
+  ``y_true``.
+
+IBA (index balanced accuracy, García et al. 2012) is imbalanced-learn's
+``make_index_balanced_accuracy(alpha=0.1, squared=...)`` applied to
+``geometric_mean_score(average="binary", pos_label=1)``, i.e.
+``(1 + 0.1 * (sensitivity - specificity)) * gmean**k`` with ``k = 2`` for ``iba`` (the
+library default, squared) and ``k = 1`` for ``iba_unsquared``. The paper's tables show IBA
+almost equal to G-mean, which matches the unsquared form; note that imbalanced-learn's default
+``average="multiclass"`` would make the dominance term identically 0 on two classes (IBA would
+*be* G-mean), so we pass ``average="binary"`` to keep the dominance term meaningful.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from imblearn.metrics import geometric_mean_score, make_index_balanced_accuracy
+from sklearn.exceptions import UndefinedMetricWarning
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
+
+LABELS = (0, 1)
+CLASS_NAMES = ("benign", "malignant")
+IBA_ALPHA = 0.1
+# Metrics bootstrap_ci can resample: the ones that are functions of the confusion counts.
+BOOTSTRAP_METRICS = (
+    "accuracy",
+    "sensitivity",
+    "specificity",
+    "gmean",
+    "iba",
+    "iba_unsquared",
+    "balanced_accuracy",
+    "f1_benign",
+    "f1_malignant",
+    "f1_macro",
+    "f1_weighted",
+)
+
+_iba_squared = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=True)(geometric_mean_score)
+_iba_unsquared = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=False)(geometric_mean_score)
+
+
+def _labels(values: Any, name: str) -> np.ndarray:
+    """Validate a label vector: 1-D, non-empty, only 0 (benign) and 1 (malignant)."""
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D sequence of labels, got shape {array.shape}")
+    if array.size == 0:
+        raise ValueError(f"{name} is empty: metrics need at least one prediction")
+    bad = np.setdiff1d(np.unique(array), LABELS)
+    if bad.size:
+        raise ValueError(
+            f"{name} holds labels {bad[:5].tolist()} outside {{0 = benign, 1 = malignant}}; "
+            "map class names to 0/1 first"
+        )
+    return array.astype(np.int64)
+
+
+def _probabilities(values: Any, n: int) -> np.ndarray:
+    """Validate malignant-class probabilities: finite, within [0, 1], one per label."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.shape != (n,):
+        raise ValueError(
+            f"y_prob must hold one probability per label ({n}), got shape {array.shape}"
+        )
+    if not np.all(np.isfinite(array)) or array.min() < 0.0 or array.max() > 1.0:
+        raise ValueError("y_prob must hold finite malignant-class probabilities within [0, 1]")
+    return array
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    y_prob: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """All test-set metrics for one binary prediction, as JSON-ready Python numbers.
+
+    ``f1_minority`` is the paper's "F1 minority": the F1 of the class with fewer samples in
+    ``y_true`` (benign in BreakHis; on a tie, benign), reported with ``minority_label``.
+    ``y_prob`` is the predicted probability of *malignant*; with it, ``roc_auc`` and
+    ``average_precision`` are added (``None`` when ``y_true`` has a single class).
+    ``confusion_matrix`` is ``[[tn, fp], [fn, tp]]``.
+    """
+    truth = _labels(y_true, "y_true")
+    pred = _labels(y_pred, "y_pred")
+    if truth.shape != pred.shape:
+        raise ValueError(f"y_true has {truth.size} labels but y_pred has {pred.size}")
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, pred, labels=list(LABELS), zero_division=0
+    )
+    n_benign, n_malignant = int(support[0]), int(support[1])
+    minority = 1 if n_malignant < n_benign else 0
+    with warnings.catch_warnings():
+        # Sensitivity/specificity of an absent class: 0 by the documented convention.
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        gmean = geometric_mean_score(truth, pred, average="binary", pos_label=1)
+        iba = _iba_squared(truth, pred, average="binary", pos_label=1)
+        iba_unsquared = _iba_unsquared(truth, pred, average="binary", pos_label=1)
+        balanced = balanced_accuracy_score(truth, pred)
+    result: dict[str, Any] = {
+        "n": int(truth.size),
+        "n_benign": n_benign,
+        "n_malignant": n_malignant,
+        "accuracy": float(accuracy_score(truth, pred)),
+        "precision_benign": float(precision[0]),
+        "precision_malignant": float(precision[1]),
+        "recall_benign": float(recall[0]),
+        "recall_malignant": float(recall[1]),
+        "f1_benign": float(f1[0]),
+        "f1_malignant": float(f1[1]),
+        "f1_macro": float(
+            f1_score(truth, pred, labels=list(LABELS), average="macro", zero_division=0)
+        ),
+        "f1_weighted": float(
+            f1_score(truth, pred, labels=list(LABELS), average="weighted", zero_division=0)
+        ),
+        "minority_label": minority,
+        "f1_minority": float(f1[minority]),
+        "sensitivity": float(recall[1]),
+        "specificity": float(recall[0]),
+        "gmean": float(gmean),
+        "iba": float(iba),
+        "iba_unsquared": float(iba_unsquared),
+        "balanced_accuracy": float(balanced),
+        "confusion_matrix": confusion_matrix(truth, pred, labels=list(LABELS)).tolist(),
+    }
+    if y_prob is not None:
+        prob = _probabilities(y_prob, truth.size)
+        both_classes = n_benign > 0 and n_malignant > 0
+        result["roc_auc"] = float(roc_auc_score(truth, prob)) if both_classes else None
+        result["average_precision"] = (
+            float(average_precision_score(truth, prob)) if both_classes else None
+        )
+    return result
+
+
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    """Elementwise division that yields 0 where the denominator is 0 (``zero_division=0``)."""
+    return np.divide(
+        numerator,
+        denominator,
+        out=np.zeros_like(numerator, dtype=np.float64),
+        where=denominator > 0,
+    )
+
+
+def _metrics_from_counts(
+    tn: np.ndarray, fp: np.ndarray, fn: np.ndarray, tp: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The BOOTSTRAP_METRICS for many confusion matrices at once, same conventions as above."""
+    tn, fp, fn, tp = (np.asarray(x, dtype=np.float64) for x in (tn, fp, fn, tp))
+    n_pos, n_neg = tp + fn, tn + fp
+    sensitivity, specificity = _ratio(tp, n_pos), _ratio(tn, n_neg)
+    gmean = np.sqrt(sensitivity * specificity)
+    weight = 1.0 + IBA_ALPHA * (sensitivity - specificity)
+    f1_malignant = _ratio(2 * tp, 2 * tp + fp + fn)
+    f1_benign = _ratio(2 * tn, 2 * tn + fn + fp)
+    present = (n_pos > 0).astype(np.float64) + (n_neg > 0)
+    return {
+        "accuracy": (tp + tn) / (n_pos + n_neg),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "gmean": gmean,
+        "iba": weight * gmean**2,
+        "iba_unsquared": weight * gmean,
+        "balanced_accuracy": (sensitivity + specificity) / present,
+        "f1_benign": f1_benign,
+        "f1_malignant": f1_malignant,
+        "f1_macro": (f1_benign + f1_malignant) / 2,
+        "f1_weighted": (f1_benign * n_neg + f1_malignant * n_pos) / (n_pos + n_neg),
+    }
+
+
+def bootstrap_ci(
+    y_true: Sequence[int] | np.ndarray,
+    y_pred: Sequence[int] | np.ndarray,
+    y_prob: Sequence[float] | np.ndarray | None = None,
+    metrics: Sequence[str] = ("accuracy", "gmean", "iba_unsquared"),
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap confidence intervals over images, resampled with replacement.
+
+    All resamples are drawn at once and reduced to confusion counts, so 1000 resamples of a
+    test set take milliseconds. ``y_prob`` is accepted for signature symmetry with
+    :func:`classification_metrics` and validated, but only the confusion-count metrics in
+    ``BOOTSTRAP_METRICS`` can be resampled. Images of one patient are correlated, so these
+    intervals are optimistic; the patient-level metrics are the sober complement.
+    """
+    truth = _labels(y_true, "y_true")
+    pred = _labels(y_pred, "y_pred")
+    if truth.shape != pred.shape:
+        raise ValueError(f"y_true has {truth.size} labels but y_pred has {pred.size}")
+    if y_prob is not None:
+        _probabilities(y_prob, truth.size)
+    unknown = [name for name in metrics if name not in BOOTSTRAP_METRICS]
+    if unknown:
+        raise ValueError(f"bootstrap_ci cannot resample {unknown}; choose from {BOOTSTRAP_METRICS}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be at least 1, got {n_boot}")
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level}")
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, truth.size, size=(n_boot, truth.size))
+    t, p = truth[index], pred[index]
+    counts = (
+        np.sum((t == 0) & (p == 0), axis=1),
+        np.sum((t == 0) & (p == 1), axis=1),
+        np.sum((t == 1) & (p == 0), axis=1),
+        np.sum((t == 1) & (p == 1), axis=1),
+    )
+    values = _metrics_from_counts(*counts)
+    tail = (1.0 - level) / 2 * 100
+    return {
+        name: tuple(float(v) for v in np.percentile(values[name], [tail, 100 - tail]))
+        for name in metrics
+    }
+
+
+def patient_level(
+    patient_ids: Sequence[str] | np.ndarray,
+    y_true: Sequence[int] | np.ndarray,
+    y_prob: Sequence[float] | np.ndarray,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Metrics per patient: the mean malignant probability of a patient's images, thresholded.
+
+    Clinicians decide per patient, and images of one patient are not independent, so this is
+    the number to trust most. A patient is called malignant when its mean is ``>= threshold``.
+    Every BreakHis patient has one diagnosis; images of one patient with different labels mean
+    a broken manifest and raise ``ValueError``.
+    """
+    truth = _labels(y_true, "y_true")
+    prob = _probabilities(y_prob, truth.size)
+    ids = np.asarray(patient_ids)
+    if ids.shape != truth.shape:
+        raise ValueError(f"patient_ids has {ids.size} entries but y_true has {truth.size}")
+    frame = pd.DataFrame({"patient_id": ids, "y_true": truth, "prob": prob})
+    per_patient = frame.groupby("patient_id", sort=True).agg(
+        y_true=("y_true", "first"), labels=("y_true", "nunique"), prob=("prob", "mean")
+    )
+    mixed = per_patient.index[per_patient["labels"] > 1].tolist()
+    if mixed:
+        raise ValueError(
+            f"patients {mixed[:5]} have images labelled both benign and malignant; "
+            "every BreakHis patient has one diagnosis, so rebuild the manifest"
+        )
+    patient_prob = per_patient["prob"].to_numpy()
+    result = classification_metrics(
+        per_patient["y_true"].to_numpy(), (patient_prob >= threshold).astype(np.int64), patient_prob
+    )
+    result["n_patients"] = int(len(per_patient))
+    return result
+
+
+def evaluate(
+    y_true: Sequence[int] | np.ndarray,
+    y_prob: Sequence[float] | np.ndarray,
+    patient_ids: Sequence[str] | np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> dict[str, Any]:
+    """Everything a run reports for one test set: ``{"image", "ci", "patient"}``.
+
+    Predictions are ``y_prob >= threshold``, the rule the run's ``test_predictions.parquet``
+    uses. ``patient`` is ``None`` without ``patient_ids``; ``ci`` maps each default bootstrap
+    metric to ``[low, high]``.
+    """
+    truth = _labels(y_true, "y_true")
+    prob = _probabilities(y_prob, truth.size)
+    pred = (prob >= threshold).astype(np.int64)
+    return {
+        "image": classification_metrics(truth, pred, prob),
+        "ci": {name: list(bounds) for name, bounds in bootstrap_ci(truth, pred).items()},
+        "patient": None
+        if patient_ids is None
+        else patient_level(patient_ids, truth, prob, threshold=threshold),
+    }
