@@ -1,0 +1,325 @@
+"""Ingest: list a source of BreakHis images, verify each, and write the manifests (and the cache).
+
+Decisions, so every later step can trust the manifest:
+
+- Files: anything ending in .png/.jpg/.jpeg/.tif/.tiff is an image candidate; other files (READMEs,
+  ``.DS_Store``) are not images by name and are skipped, counted as ``ignored`` in the result and
+  the manifest metadata. Candidates are decoded by content (PNG, JPEG or TIFF decoders only, to
+  keep the decoder surface small): JPEG or TIFF content under a ``.png`` name is accepted, because
+  the pixels are valid, and its real format is recorded in the ``format`` column.
+- Colour: 8-bit modes (RGB, RGBA, L, LA, P, PA) are converted to RGB when decoded and the original
+  Pillow mode is recorded in ``mode``, so grayscale or alpha inputs can be found and filtered.
+  Other modes (16-bit ``I;16``, 32-bit ``I``/``F``, CMYK, bilevel ``1``) are quarantined as
+  ``unsupported_mode``: converting them silently clips or reinterprets values.
+- Quarantine reasons (``quarantine.parquet``: uri, reason, detail): ``unsafe_key`` (a key with
+  ``.``/``..`` segments), ``unparseable_name`` (see ``dala_model.breakhis``), ``zero_bytes``,
+  ``too_large`` (more than ``MAX_FILE_BYTES`` bytes or ``MAX_PIXELS`` pixels, the
+  decompression-bomb guard, checked from the header before any pixel is decoded),
+  ``not_an_image``, ``truncated``, ``corrupt`` (bad checksums or data stream), ``unsupported_mode``.
+- Duplicates: the same sha256 under several paths keeps the first path in sorted relpath order in
+  the manifest; the others go to ``duplicates.parquet`` (sha256, uri, kept_uri), counted once.
+- ``image_id`` is the first 16 hex digits of the content sha256: stable across re-ingests, moves and
+  renames, and a changed file gets a new id.
+- Incremental: rows of the previous manifest of the same source whose uri, size and version
+  (S3 ETag or local mtime) are unchanged are reused without reading the file; everything else is
+  read. Files no longer in the source are dropped from the manifest. The output depends only on
+  the source's current content, so re-running is idempotent and equals a fresh ingest (reused rows
+  keep their ``ingested_at``).
+- Commit order: cache shards, then quarantine and duplicates, then ``manifest.parquet`` last; each
+  is an atomic write, so an ingest killed at any point leaves the previous manifest (or none) and
+  a rerun completes the work.
+- Reading, hashing, decoding and resizing run in a bounded thread pool: Pillow's decoders and
+  resize and hashlib release the GIL, the S3 reads are I/O, and at most a few tasks per worker are
+  in flight, so memory does not grow with the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from dala_model import storage
+from dala_model.breakhis import IMAGE_SUFFIXES, BreakHisName, UnparseableName, parse_breakhis_path
+from dala_model.cache import ShardWriter, bounded_map, build_cache, default_workers, resize
+from dala_model.manifest import (
+    DUPLICATES_SCHEMA,
+    MANIFEST_SCHEMA,
+    QUARANTINE_SCHEMA,
+    SCHEMA_VERSION,
+    data_version,
+    duplicates_uri,
+    manifest_uri,
+    quarantine_uri,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF")
+RGB_MODES = ("RGB", "RGBA", "L", "LA", "P", "PA")
+MAX_PIXELS = 40_000_000  # about 125 BreakHis images (700x460); far beyond any slide tile we expect
+MAX_FILE_BYTES = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    source: str
+    root: str
+    images: int  # rows in the manifest
+    read: int  # files read and decoded this run
+    reused: int  # unchanged files taken from the previous manifest without reading
+    removed: int  # previous manifest rows whose file is gone from the source
+    quarantined: int
+    duplicates: int
+    ignored: int  # files without an image suffix
+    cached: int  # images added to the decoded cache
+    seconds: float
+    images_per_s: float  # read+verify+decode throughput of this run
+    manifest_version: str
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """What reading one file gave: a manifest row (and its resized pixels) or a quarantine row."""
+
+    row: dict[str, Any] | None = None
+    pixels: np.ndarray | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+def ingest(
+    source: str, root: str, workers: int | None = None, cache_size: int | None = 224
+) -> IngestResult:
+    """Ingest every image under ``source`` into ``root`` (see the module docstring)."""
+    started = time.perf_counter()
+    source = source if "://" in source else os.path.abspath(source)
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if cache_size is not None and cache_size < 0:
+        raise ValueError(f"cache_size must be >= 0 (0 skips the cache), got {cache_size}")
+    listing = storage.list_file_infos(source)
+    files = [f for f in listing if f.relpath.lower().endswith(IMAGE_SUFFIXES)]
+    if not files:
+        raise ValueError(
+            f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {storage.redact(source)}: "
+            "check the source URL"
+        )
+    previous = _previous_rows(root, source)
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    writer = ShardWriter(root, cache_size) if cache_size else None
+
+    rows: list[dict[str, Any]] = []
+    quarantine: list[dict[str, str]] = []
+    todo: list[tuple[storage.StoredFile, BreakHisName]] = []
+    for file in files:
+        reason, detail, name = _precheck(file)
+        if reason:
+            quarantine.append({"uri": file.url, "reason": reason, "detail": detail})
+        elif (old := previous.get(file.url)) and (old["bytes"], old["source_version"]) == (
+            file.size,
+            file.version,
+        ):
+            rows.append(old)
+        else:
+            todo.append((file, name))
+    reused = len(rows)
+    log.info(
+        "ingest %s: %d image files, %d unchanged, reading %d",
+        storage.redact(source),
+        len(files),
+        reused,
+        len(todo),
+    )
+
+    def inspect(item: tuple[storage.StoredFile, BreakHisName]) -> _Outcome:
+        file, name = item
+        return _inspect(file, name, now, writer)
+
+    workers = workers or default_workers()
+    read_started = time.perf_counter()
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
+        outcomes = bounded_map(pool, inspect, todo, window=4 * workers)
+        for (file, _), outcome in zip(
+            todo,
+            tqdm(outcomes, total=len(todo), desc="ingest", unit="img", disable=None),
+            strict=True,
+        ):
+            if outcome.row is None:
+                quarantine.append(
+                    {"uri": file.url, "reason": outcome.reason, "detail": outcome.detail}
+                )
+                continue
+            rows.append(outcome.row)
+            if writer is not None and outcome.pixels is not None:
+                writer.add(outcome.row["image_id"], outcome.pixels)
+    read_seconds = time.perf_counter() - read_started
+    images_per_s = len(todo) / read_seconds if todo and read_seconds > 0 else 0.0
+    if todo:
+        log.info("read, verified and decoded %d images at %.1f images/s", len(todo), images_per_s)
+    cached = writer.close() if writer is not None else 0
+
+    manifest, duplicates = _deduplicate(rows)
+    quarantine_frame = pd.DataFrame(quarantine, columns=QUARANTINE_SCHEMA.names)
+    counts = {
+        "images": len(manifest),
+        "labels": {k: int(v) for k, v in Counter(manifest["label"]).items()},
+        "quarantined": {k: int(v) for k, v in Counter(quarantine_frame["reason"]).items()},
+        "duplicates": len(duplicates),
+        "ignored": len(listing) - len(files),
+    }
+    storage.write_parquet_atomic(quarantine_frame, quarantine_uri(root), schema=QUARANTINE_SCHEMA)
+    storage.write_parquet_atomic(duplicates, duplicates_uri(root), schema=DUPLICATES_SCHEMA)
+    version = data_version(manifest)
+    storage.write_parquet_atomic(
+        manifest,
+        manifest_uri(root),
+        schema=MANIFEST_SCHEMA,
+        metadata={
+            "dala.schema_version": SCHEMA_VERSION,
+            "dala.source": storage.redact(source),
+            "dala.counts": json.dumps(counts, sort_keys=True),
+            "dala.manifest_version": version,
+        },
+    )
+    if cache_size:
+        cached += build_cache(root, cache_size, workers)  # unchanged images not cached yet
+    result = IngestResult(
+        source=storage.redact(source),
+        root=storage.redact(root),
+        images=len(manifest),
+        read=len(todo),
+        reused=reused,
+        removed=len(set(previous) - {f.url for f in files}),
+        quarantined=len(quarantine_frame),
+        duplicates=len(duplicates),
+        ignored=counts["ignored"],
+        cached=cached,
+        seconds=time.perf_counter() - started,
+        images_per_s=images_per_s,
+        manifest_version=version,
+    )
+    log.info("ingest done: %s", result)
+    return result
+
+
+def _precheck(file: storage.StoredFile) -> tuple[str, str, BreakHisName | None]:
+    """Reasons to quarantine a file that need no read: its key, name and listed size."""
+    try:
+        storage.check_relative_key(file.relpath)
+    except ValueError as exc:
+        return "unsafe_key", str(exc), None
+    try:
+        name = parse_breakhis_path(file.relpath)
+    except UnparseableName as exc:
+        return "unparseable_name", str(exc), None
+    if file.size == 0:
+        return "zero_bytes", "the file is empty", None
+    if file.size > MAX_FILE_BYTES:
+        return "too_large", f"{file.size} bytes > MAX_FILE_BYTES={MAX_FILE_BYTES}", None
+    return "", "", name
+
+
+def _inspect(
+    file: storage.StoredFile, name: BreakHisName, now: pd.Timestamp, writer: ShardWriter | None
+) -> _Outcome:
+    """Read, hash, verify and fully decode one file; resize it for the cache while decoded."""
+    data = storage.read_bytes(file.url)
+    if not data:
+        return _Outcome(reason="zero_bytes", detail="the file is empty")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            fmt, mode, (width, height) = image.format, image.mode, image.size
+            if width * height > MAX_PIXELS:
+                return _Outcome(
+                    reason="too_large",
+                    detail=f"{width}x{height} pixels > MAX_PIXELS={MAX_PIXELS} (decompression-bomb guard)",
+                )
+            if mode not in RGB_MODES:
+                return _Outcome(
+                    reason="unsupported_mode",
+                    detail=f"mode {mode}: convert to 8-bit RGB (accepted: {', '.join(RGB_MODES)})",
+                )
+            image.verify()  # chunk checksums, without decoding
+        pixels = None
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+            image.load()  # full decode: the only proof that every pixel is there
+            if writer is not None and writer.wants(sha[:16]):
+                pixels = resize(image, writer.size)
+    except Image.DecompressionBombError as exc:
+        return _Outcome(reason="too_large", detail=str(exc))
+    except UnidentifiedImageError:
+        return _Outcome(reason="not_an_image", detail=f"not a {'/'.join(IMAGE_FORMATS)} image")
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        truncated = isinstance(exc, EOFError) or "truncated" in str(exc).lower()
+        return _Outcome(reason="truncated" if truncated else "corrupt", detail=str(exc))
+    row = {
+        "image_id": sha[:16],
+        "uri": file.url,
+        "relpath": file.relpath,
+        "sha256": sha,
+        "bytes": len(data),
+        "width": width,
+        "height": height,
+        "format": fmt,
+        "mode": mode,
+        "label": name.label,
+        "label_id": name.label_id,
+        "subtype": name.subtype,
+        "subtype_code": name.subtype_code,
+        "patient_id": name.patient_id,
+        "magnification": name.magnification,
+        "seq": name.seq,
+        "procedure": name.procedure,
+        "source_version": file.version,
+        "ingested_at": now,
+    }
+    return _Outcome(row=row, pixels=pixels)
+
+
+def _deduplicate(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep the first relpath of each sha256; list the others with the uri that was kept."""
+    frame = pd.DataFrame(rows, columns=MANIFEST_SCHEMA.names).sort_values("relpath")
+    frame = frame.reset_index(drop=True)
+    repeated = frame.duplicated("sha256", keep="first")
+    kept = frame[~repeated].set_index("sha256")["uri"]
+    duplicates = pd.DataFrame(
+        {
+            "sha256": frame.loc[repeated, "sha256"],
+            "uri": frame.loc[repeated, "uri"],
+            "kept_uri": frame.loc[repeated, "sha256"].map(kept),
+        }
+    )
+    return frame[~repeated].reset_index(drop=True), duplicates.reset_index(drop=True)
+
+
+def _previous_rows(root: str, source: str) -> dict[str, dict[str, Any]]:
+    """Rows of the previous manifest of this source by uri, or nothing if there is none to reuse."""
+    uri = manifest_uri(root)
+    if not storage.exists(uri):
+        return {}
+    frame = storage.read_parquet(uri)
+    if frame.attrs.get("dala.schema_version") != SCHEMA_VERSION:
+        log.warning("previous manifest has another schema version: re-reading every file")
+        return {}
+    if frame.attrs.get("dala.source") != storage.redact(source):
+        log.warning(
+            "previous manifest came from %s, not %s: it will be replaced",
+            frame.attrs.get("dala.source"),
+            storage.redact(source),
+        )
+        return {}
+    return {row["uri"]: row for row in frame.to_dict("records")}

@@ -1,0 +1,155 @@
+"""Splits: paper sizes per magnification and class, patient-disjointness, seeds, validation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dala_model import storage
+from dala_model.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, data_version, manifest_uri
+from dala_model.splits import check_patient_disjoint, make_split, read_split, split_frame
+
+
+def _manifest(patients: int = 30, seed: int = 0) -> pd.DataFrame:
+    """Manifest rows (no image files needed): ~31% benign patients, 3-25 images per magnification."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in range(patients):
+        label_id = int(p >= round(patients * 0.31))
+        for magnification in (40, 100, 200, 400):
+            for seq in range(int(rng.integers(3, 26))):
+                sha = f"{p:04d}{magnification:04d}{seq:04d}".ljust(64, "0")
+                rows.append(
+                    {
+                        "image_id": sha[:16],
+                        "uri": f"mem://{sha}.png",
+                        "relpath": f"{sha}.png",
+                        "sha256": sha,
+                        "bytes": 1,
+                        "width": 700,
+                        "height": 460,
+                        "format": "PNG",
+                        "mode": "RGB",
+                        "label": ("benign", "malignant")[label_id],
+                        "label_id": label_id,
+                        "subtype": "x",
+                        "subtype_code": "X",
+                        "patient_id": f"14-{p}",
+                        "magnification": magnification,
+                        "seq": seq + 1,
+                        "procedure": "SOB",
+                        "source_version": "v",
+                        "ingested_at": pd.Timestamp("2024-01-01", tz="UTC"),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def root(storage_root) -> str:
+    storage.write_parquet_atomic(
+        _manifest(),
+        manifest_uri(storage_root),
+        schema=MANIFEST_SCHEMA,
+        metadata={"dala.schema_version": SCHEMA_VERSION},
+    )
+    return storage_root
+
+
+def test_paper_split_is_within_one_image_of_60_10_30_per_magnification_and_class(root):
+    make_split(root, "paper", seed=3)
+    split = read_split(root, "paper")
+    assert split.attrs["dala.scheme"] == "paper" and split.attrs["dala.seed"] == "3"
+    assert json.loads(split.attrs["dala.fractions"]) == [0.6, 0.1, 0.3]
+    assert split.columns.tolist() == ["image_id", "magnification", "split"]
+    manifest = _manifest()
+    merged = split.merge(manifest[["image_id", "label_id"]], on="image_id")
+    assert len(merged) == len(manifest) and split["image_id"].is_unique
+    for _, group in merged.groupby(["magnification", "label_id"]):
+        counts = group["split"].value_counts()
+        for name, fraction in (("train", 0.6), ("val", 0.1), ("test", 0.3)):
+            assert abs(counts.get(name, 0) - fraction * len(group)) <= 1
+
+
+def test_patient_split_is_disjoint_stratified_and_near_the_fractions(root):
+    make_split(root, "patient", seed=1)
+    split = read_split(root, "patient")
+    manifest = _manifest()
+    check_patient_disjoint(split, manifest)
+    merged = split.merge(manifest[["image_id", "label_id", "patient_id"]], on="image_id")
+    assert merged.groupby(["magnification", "patient_id"])["split"].nunique().max() == 1
+    for _, group in merged.groupby(["magnification", "label_id"]):
+        shares = group["split"].value_counts(normalize=True)
+        assert set(shares.index) == {"train", "val", "test"}  # every class in every split
+        assert abs(shares["train"] - 0.6) < 0.2 and abs(shares["test"] - 0.3) < 0.2
+
+
+def test_patient_kfold_tests_each_image_once_and_never_leaks(root):
+    make_split(root, "patient-kfold", seed=0, folds=4)
+    split = read_split(root, "patient-kfold")
+    manifest = _manifest()
+    assert sorted(split["fold"].unique()) == [0, 1, 2, 3]
+    assert (split.groupby("fold").size() == len(manifest)).all()
+    tested = split[split["split"] == "test"]
+    assert sorted(tested["image_id"]) == sorted(manifest["image_id"])  # each image tested once
+    check_patient_disjoint(split, manifest)
+    assert set(split["split"]) == {"train", "val", "test"}
+
+
+@pytest.mark.parametrize("scheme", ["paper", "patient", "patient-kfold"])
+def test_same_seed_same_split_other_seed_other_split(scheme):
+    manifest = _manifest()
+    first = split_frame(manifest, scheme, seed=5)
+    pd.testing.assert_frame_equal(first, split_frame(manifest, scheme, seed=5))
+    assert not first["split"].equals(split_frame(manifest, scheme, seed=6)["split"])
+
+
+def test_check_patient_disjoint_catches_a_leak():
+    manifest = _manifest()
+    split = split_frame(manifest, "patient", seed=0)
+    patient = manifest["patient_id"].iloc[0]
+    leak = split["image_id"] == manifest.loc[manifest["patient_id"] == patient, "image_id"].iloc[0]
+    split.loc[leak, "split"] = "test" if split.loc[leak, "split"].iloc[0] != "test" else "train"
+    with pytest.raises(ValueError, match=f"patient leakage.*{patient}"):
+        check_patient_disjoint(split, manifest)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fractions": (0.6, 0.1, 0.2)}, "must sum to 1"),
+        ({"fractions": (0.6, 0.4)}, "three non-negative"),
+        ({"fractions": (1.2, -0.1, -0.1)}, "three non-negative"),
+        ({"scheme": "random"}, "unknown split scheme"),
+        ({"scheme": "patient-kfold", "folds": 1}, "folds must be >= 2"),
+        ({"scheme": "patient-kfold", "folds": 20}, "folds=20 needs at least 20 patients"),
+    ],
+)
+def test_bad_parameters_are_rejected(tmp_path, kwargs, message):
+    root = str(tmp_path)
+    storage.write_parquet_atomic(
+        _manifest(),
+        manifest_uri(root),
+        schema=MANIFEST_SCHEMA,
+        metadata={"dala.schema_version": "1"},
+    )
+    with pytest.raises(ValueError, match=message):
+        make_split(root, **{"scheme": "paper", **kwargs})
+    assert not storage.exists(f"{root}/splits/paper.parquet")
+
+
+def test_split_records_the_data_version_and_missing_split_is_a_clear_error(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="dala split"):
+        read_split(root, "patient")
+    storage.write_parquet_atomic(
+        _manifest(),
+        manifest_uri(root),
+        schema=MANIFEST_SCHEMA,
+        metadata={"dala.schema_version": "1"},
+    )
+    make_split(root, "patient")
+    assert read_split(root, "patient").attrs["dala.manifest_version"] == data_version(_manifest())
