@@ -48,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError, KeyError, PretrainedWeightsUnavailable) as exc:
+    except (
+        UsageError,
+        ValueError,
+        FileNotFoundError,
+        KeyError,
+        PretrainedWeightsUnavailable,
+    ) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dala {args.command}: error: {message}", file=sys.stderr)
         return 2

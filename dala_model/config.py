@@ -1,0 +1,107 @@
+"""Typed training configuration whose defaults are the paper's protocol.
+
+One pydantic model serves the CLI, the Prefect flow parameters and the run folder's
+``config.json``, so a run is reproduced from its recorded config alone. Invalid values are
+rejected before any work starts, with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAGNIFICATIONS = (40, 100, 200, 400)
+SCHEMES = ("paper", "patient", "patient-kfold")
+
+
+class TrainConfig(BaseModel):
+    """One model x one magnification x one split (or fold).
+
+    Defaults reproduce the paper: Adam, lr 1e-4, batch 32, 50 epochs, 224x224, [-1, 1]
+    normalisation ("paper" preset), random rotation + horizontal flip, dropout 0.25 (built into
+    ``dalaresnet50``), best checkpoint chosen on the validation split. The paper used ImageNet
+    weights; ``pretrained`` stays False by default because those weights cannot be fetched
+    offline — pass ``pretrained=True`` (torchvision cache) or a weights URL to match it.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    root: str = Field(description="storage root URL holding manifests/, cache/, splits/, runs/")
+    magnification: int = Field(description="40, 100, 200 or 400")
+    model: str = "dalaresnet50"
+    scheme: Literal["paper", "patient", "patient-kfold"] = "patient"
+    fold: int | None = Field(default=None, ge=0, description="fold index for patient-kfold")
+    epochs: int = Field(default=50, gt=0)
+    batch_size: int = Field(default=32, gt=0)
+    image_size: int = Field(default=224, ge=32, le=1024)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    imbalance: Literal["none", "oversample", "class_weight"] = "none"
+    monitor: Literal["val_accuracy", "val_gmean", "val_loss"] = "val_accuracy"
+    recalibrate_bn: bool = Field(
+        default=True,
+        description="recompute BatchNorm statistics on the training images before each validation",
+    )
+    preset: Literal["paper", "imagenet"] = "paper"
+    rotation_degrees: float = Field(default=20.0, ge=0, le=180)
+    pretrained: bool | str = False
+    model_options: dict[str, float | int | str] = Field(default_factory=dict)
+    device: str = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    use_cache: bool = True
+    workers: int | None = Field(default=None, ge=0, description="loader workers (PNG path)")
+    resume: bool = False
+    run_id: str | None = None
+
+    @field_validator("magnification")
+    @classmethod
+    def _known_magnification(cls, value: int) -> int:
+        if value not in MAGNIFICATIONS:
+            raise ValueError(f"magnification must be one of {MAGNIFICATIONS}, got {value}")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        from dala_model.models import list_models
+
+        if value not in list_models():
+            raise ValueError(f"unknown model {value!r}; choose one of {list_models()}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_syntax(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("run_id")
+    @classmethod
+    def _safe_run_id(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"run_id may hold letters, digits, '.', '_' and '-' only: {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _fold_matches_scheme(self) -> TrainConfig:
+        if self.scheme == "patient-kfold" and self.fold is None:
+            raise ValueError("fold is required with scheme 'patient-kfold' (e.g. fold=0)")
+        if self.scheme != "patient-kfold" and self.fold is not None:
+            raise ValueError(
+                f"fold is only meaningful with scheme 'patient-kfold', not {self.scheme!r}"
+            )
+        return self
+
+    @property
+    def resolved_run_id(self) -> str:
+        """Stable name so a rerun of the same training finds (and resumes) its own folder."""
+        if self.run_id:
+            return self.run_id
+        fold = f"-fold{self.fold}" if self.fold is not None else ""
+        return f"{self.model}-{self.magnification}x-{self.scheme}{fold}-seed{self.seed}"
