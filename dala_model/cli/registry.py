@@ -1,0 +1,110 @@
+"""`dala promote` and `dala current`: pin or inspect the model that batch inference serves.
+
+``print_current(root)`` is also what `dala models current` prints, so both commands show the
+same table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dala_model import registry, storage
+from dala_model.cli import UsageError
+from dala_model.config import MAGNIFICATIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "promote", help="make a completed run's best checkpoint the served model"
+    )
+    p.add_argument("root", help="storage root URL (local path, file://, s3://bucket/prefix)")
+    p.add_argument("--model", required=True, help="registry model name, e.g. dalaresnet50")
+    p.add_argument("--magnification", type=int, required=True, help="40, 100, 200 or 400")
+    p.add_argument(
+        "--run",
+        dest="run_id",
+        help="run id under ROOT/runs/ to pin (always promoted); default: the best complete run "
+        "of this model and magnification, promoted only if it beats the current one",
+    )
+    p.set_defaults(func=promote)
+
+    c = subparsers.add_parser(
+        "current", help="show the served model of every (model, magnification)"
+    )
+    c.add_argument("root", help="storage root URL")
+    c.add_argument("--json", action="store_true", help="print the full registry records as JSON")
+    c.set_defaults(func=current)
+
+
+def promote(args: argparse.Namespace) -> int:
+    if args.magnification not in MAGNIFICATIONS:
+        raise UsageError(
+            f"--magnification must be one of {MAGNIFICATIONS}, got {args.magnification}"
+        )
+    if args.run_id:
+        run = storage.join(args.root, "runs", args.run_id)
+        result = registry.promote(
+            args.root, run, force=True, reason="pinned by operator (dala promote --run)"
+        )
+    else:
+        run = _best_run(args.root, args.model, args.magnification)
+        result = registry.promote(args.root, run, reason="dala promote: best complete run")
+    record = result.record
+    verb = "promoted" if result.promoted else "kept current"
+    print(
+        f"{verb} {record['model']} {record['magnification']}X: run {record['run_id']}, "
+        f"version {record['model_version'][:12]} ({result.reason})"
+    )
+    return 0
+
+
+def current(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps(registry.list_current(args.root), indent=2, default=float))
+        return 0
+    print_current(args.root)
+    return 0
+
+
+def print_current(root: str) -> None:
+    """One line per served (model, magnification): version, run, validation score, data/code version."""
+    records = registry.list_current(root)
+    if not records:
+        print(
+            f"no models promoted under {storage.redact(root)} yet (run train-breakhis or `dala promote`)"
+        )
+        return
+    header = f"{'model':<16} {'mag':>5}  {'version':<12}  {'run':<36} {'monitor':<13} {'score':>6}  {'data':<16} {'code':<24} promoted_at"
+    print(header)
+    for r in records:
+        print(
+            f"{r['model']:<16} {str(r['magnification']) + 'X':>5}  {r['model_version'][:12]:<12}  {r['run_id']:<36} "
+            f"{r['monitor']:<13} {r['score']:>6.3f}  {r['data_version']:<16} {r['code_version']:<24} {r['promoted_at']}"
+        )
+
+
+def _best_run(root: str, model: str, magnification: int) -> str:
+    """The complete run of (model, magnification) with the highest validation score."""
+    runs = storage.join(root, "runs")
+    try:
+        summaries = [
+            u for u in storage.list_files(runs, suffixes=(".json",)) if u.endswith("/run.json")
+        ]
+    except FileNotFoundError:
+        summaries = []
+    candidates = []
+    for uri in summaries:
+        summary = json.loads(storage.read_bytes(uri))
+        if (
+            summary.get("status") == "complete"
+            and summary.get("model") == model
+            and int(summary.get("magnification", 0)) == magnification
+        ):
+            candidates.append((registry.ranking_score(summary), uri[: -len("/run.json")]))
+    if not candidates:
+        raise UsageError(
+            f"no complete {model} run at {magnification}X under {storage.redact(runs)}; "
+            "train one first (`dala train` or train-breakhis)"
+        )
+    return max(candidates)[1]

@@ -1,0 +1,157 @@
+"""`make run`: the whole pipeline on one machine through Prefect's local API.
+
+synthetic BreakHis (when no data is given) -> ingest -> split -> parallel training of all four
+magnifications -> promotion -> report -> batch inference. Without ``PREFECT_API_URL`` Prefect
+starts a temporary local server on the SQLite database in ``$PREFECT_HOME`` (the Makefile keeps it
+in ./.prefect), so nothing but Python is needed; with it, the runs appear in that server's UI.
+
+Profiles: ``quick`` (default) finishes in minutes on 2 CPU cores with small images, a small
+synthetic set and 2 epochs; ``paper`` is the paper's protocol unchanged (224 px, 50 epochs,
+batch 32, lr 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from dala_model import storage, synth
+from dala_model.predictions import predictions_uri
+
+
+class Profile(BaseModel):
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float = 1e-4
+    synthetic_patients: int
+    synthetic_images_per_patient: int
+
+
+PROFILES = {
+    "quick": Profile(
+        image_size=64,
+        epochs=2,
+        batch_size=16,
+        synthetic_patients=12,
+        synthetic_images_per_patient=4,
+    ),
+    "paper": Profile(
+        image_size=224,
+        epochs=50,
+        batch_size=32,
+        synthetic_patients=82,
+        synthetic_images_per_patient=24,
+    ),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.main", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--data",
+        help="BreakHis images to ingest (folder or s3://bucket/prefix); "
+        "default: synthetic images generated into ./data/synthetic",
+    )
+    parser.add_argument(
+        "--root", default="data/root", help="storage root for every output (default ./data/root)"
+    )
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
+    parser.add_argument(
+        "--max-parallel",
+        type=int,
+        help="cap on concurrent trainings (default: one per device slot)",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.inference import inference_flow
+    from flows.train import train_flow
+
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    source = args.data or _synthetic_source(profile)
+    root = args.root if "://" in args.root else str(Path(args.root).resolve())
+    with local_api():
+        return _run(train_flow, inference_flow, root, source, profile, args.max_parallel)
+
+
+def _run(
+    train_flow, inference_flow, root: str, source: str, profile: Profile, max_parallel: int | None
+) -> int:
+    state = train_flow(
+        root=root,
+        source=source,
+        image_size=profile.image_size,
+        epochs=profile.epochs,
+        batch_size=profile.batch_size,
+        lr=profile.lr,
+        max_parallel=max_parallel,
+        return_state=True,
+    )
+    if not state.is_completed():
+        print(f"train-breakhis ended {state.name}: {state.message}", file=sys.stderr)
+    scored = inference_flow(root=root)  # every magnification with a current model
+    print(f"\nreport:      {storage.redact(storage.join(root, 'reports', 'report.html'))}")
+    print(f"predictions: {storage.redact(predictions_uri(root, 'dalaresnet50'))}")
+    counts = ", ".join(f"{r['magnification']}X {r['scored']} new" for r in scored)
+    print(f"scored:      {counts}")
+    return 0 if state.is_completed() else 1
+
+
+@contextlib.contextmanager
+def local_api() -> Iterator[None]:
+    """Make every process of this run share one local API server on the SQLite database.
+
+    Prefect's ephemeral mode starts a server lazily per process; the training pool's processes
+    would each start their own. Starting it once here and exporting its URL (which the process
+    pool passes on) gives one server, one database and one UI for the whole run.
+    """
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    os.environ.setdefault(
+        "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
+    )  # offline: no telemetry errors
+    server = SubprocessASGIServer()
+    server.start()
+    try:
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            print(
+                f"Prefect API (SQLite in {os.environ.get('PREFECT_HOME', '~/.prefect')}): {server.address}"
+            )
+            yield
+    finally:
+        server.stop()
+
+
+def _synthetic_source(profile: Profile) -> str:
+    """Synthetic BreakHis-format PNGs in ./data/synthetic, generated once and then reused."""
+    out = Path("data/synthetic").resolve()
+    if out.exists() and any(out.rglob("*.png")):
+        print(f"reusing synthetic data in {out}")
+        return str(out)
+    count = synth.generate(
+        str(out),
+        patients=profile.synthetic_patients,
+        images_per_patient=profile.synthetic_images_per_patient,
+        seed=0,
+    )
+    print(f"generated {count} synthetic BreakHis images in {out}")
+    return str(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+"""`train-breakhis`: [ingest ->] split -> parallel trainings -> promote -> report.
+
+Each (model, magnification[, fold]) trains in its own process from a pool sized to the machine's
+device slots (see ``flows/slots.py`` and docs/ORCHESTRATION.md): processes, not threads, so
+trainings do not share a GIL or a CUDA context and one crash cannot take the others down. A
+training that fails is retried once (resuming from its checkpoint), then reported; the others'
+runs, promotions and the report still complete, and the flow run ends Failed naming what failed.
+Running the flow again skips complete runs and resumes unfinished ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Annotated, Literal
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.task_runners import ProcessPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from dala_model import cache, registry, splits, storage
+from dala_model.config import MAGNIFICATIONS, TrainConfig
+from dala_model.manifest import read_manifest
+from dala_model.paper import PAPER_RESULTS, paper_name
+from dala_model.train import run_uri, train
+from flows.ingest import IO_RETRIES, ingest_flow
+from flows.report import publish_report, report_task
+from flows.slots import SlotPlan, claim_slot, pin_process, plan_slots
+
+
+class TrainOutcome(BaseModel):
+    """What a finished training hands back to the flow: ids, status and headline numbers only."""
+
+    run_id: str
+    run_uri: str
+    model: str
+    magnification: int
+    fold: int | None
+    status: str
+    best_epoch: int
+    train_seconds: float
+    test: dict[str, float | None]
+    slot: str
+    pid: int
+    started: float
+    finished: float
+
+
+@task(name="ensure-split", **IO_RETRIES)
+def ensure_split(root: str, scheme: str, seed: int) -> str:
+    """Reuse the stored split so reruns train on the same images; make it only when missing."""
+    uri = splits.split_uri(root, scheme)
+    return uri if storage.exists(uri) else splits.make_split(root, scheme, seed=seed)
+
+
+@task(name="ensure-cache", **IO_RETRIES)
+def ensure_cache(root: str, size: int) -> int:
+    """Decode the cache once before the fan-out: the cache allows one writer per (root, size)."""
+    ids = read_manifest(root)["image_id"]
+    return cache.build_cache(root, size) if cache.missing_from_cache(root, ids, size) else 0
+
+
+@task(name="finished-run", task_run_name="finished-{config.magnification}x", **IO_RETRIES)
+def finished_run(config: TrainConfig) -> TrainOutcome | None:
+    """The outcome of an already complete run, so reruns skip it without starting a training process."""
+    uri = storage.join(run_uri(config), "run.json")
+    if not storage.exists(uri):
+        return None
+    summary = json.loads(storage.read_bytes(uri))
+    if summary.get("status") != "complete":
+        return None
+    return _outcome(
+        config,
+        summary["run_id"],
+        "skipped",
+        summary["best_epoch"],
+        summary["train_seconds"],
+        summary["metrics"],
+        slot="none",
+        started=time.time(),
+    )
+
+
+@task(
+    name="train",
+    task_run_name="train-{config.model}-{config.magnification}x",
+    retries=1,
+    retry_delay_seconds=2,
+)
+def train_run(config: TrainConfig) -> TrainOutcome:
+    """One training in a pool process that holds a device slot; reports per-epoch progress."""
+    slot = pin_process()
+    started = time.time()
+    artifact = create_progress_artifact(
+        0.0,
+        key=_artifact_key("progress", config.resolved_run_id),
+        description=f"{config.resolved_run_id} on {slot}: starting",
+    )
+
+    def progress(record: dict) -> None:
+        update_progress_artifact(
+            artifact,
+            100.0 * (record["epoch"] + 1) / record["epochs"],
+            description=(
+                f"{record['run_id']} epoch {record['epoch'] + 1}/{record['epochs']}: "
+                f"train_loss {record['train_loss']:.4f} val_acc {record['val_acc']:.3f} "
+                f"val_gmean {record['val_gmean']:.3f} ({record['images_per_s']:.0f} img/s)"
+            ),
+        )
+
+    result = train(config, progress=progress)
+    update_progress_artifact(artifact, 100.0, description=f"{result.run_id}: {result.status}")
+    return _outcome(
+        config,
+        result.run_id,
+        result.status,
+        result.best_epoch,
+        result.train_seconds,
+        result.metrics,
+        slot=slot,
+        started=started,
+    )
+
+
+def _outcome(
+    config: TrainConfig,
+    run_id: str,
+    status: str,
+    best_epoch: int,
+    train_seconds: float,
+    metrics: dict,
+    *,
+    slot: str,
+    started: float,
+) -> TrainOutcome:
+    test = metrics["test"]["image"]
+    return TrainOutcome(
+        run_id=run_id,
+        run_uri=run_uri(config),
+        model=config.model,
+        magnification=config.magnification,
+        fold=config.fold,
+        status=status,
+        best_epoch=best_epoch,
+        train_seconds=train_seconds,
+        test={
+            k: test.get(k)
+            for k in ("accuracy", "f1_minority", "f1_weighted", "iba_unsquared", "gmean")
+        },
+        slot=slot,
+        pid=os.getpid(),
+        started=started,
+        finished=time.time(),
+    )
+
+
+@task(name="promote", **IO_RETRIES)
+def promote_task(root: str, run_uri: str) -> dict:
+    promotion = registry.promote(root, run_uri, reason="train-breakhis: new best on validation")
+    return {
+        "promoted": promotion.promoted,
+        "reason": promotion.reason,
+        "model_version": promotion.record.get("model_version"),
+    }
+
+
+@flow(name="train-breakhis", log_prints=True)
+def train_flow(
+    root: Annotated[
+        str, Field(description="storage root URL (s3://bucket/prefix or a local path)")
+    ],
+    source: Annotated[str | None, Field(description="ingest this image source first")] = None,
+    models: Annotated[list[str], Field(min_length=1)] = ["dalaresnet50"],  # noqa: B006 - Prefect copies defaults
+    magnifications: Annotated[list[int], Field(min_length=1)] = [40, 100, 200, 400],  # noqa: B006
+    scheme: Literal["paper", "patient", "patient-kfold"] = "patient",
+    folds: Annotated[list[int] | None, Field(description="fold indices for patient-kfold")] = None,
+    epochs: Annotated[int, Field(gt=0)] = 50,
+    batch_size: Annotated[int, Field(gt=0)] = 32,
+    image_size: Annotated[int, Field(ge=32, le=1024)] = 224,
+    lr: Annotated[float, Field(gt=0)] = 1e-4,
+    seed: int = 0,
+    pretrained: Annotated[
+        bool | str, Field(description="ImageNet weights (true) or a weights URL")
+    ] = False,
+    monitor: Literal["val_accuracy", "val_gmean", "val_loss"] = "val_accuracy",
+    max_parallel: Annotated[
+        int | None, Field(ge=1, description="cap on concurrent trainings")
+    ] = None,
+    retries: Annotated[int, Field(ge=0, description="retries of a failed training")] = 1,
+) -> list[TrainOutcome]:
+    """Train every (model, magnification[, fold]) in parallel, promote the best, build the report."""
+    logger = get_run_logger()
+    unknown = sorted(set(magnifications) - set(MAGNIFICATIONS))
+    if unknown:
+        raise ValueError(
+            f"magnifications {unknown} are not BreakHis magnifications {MAGNIFICATIONS}"
+        )
+    if (scheme == "patient-kfold") != (folds is not None):
+        raise ValueError("folds is required with scheme 'patient-kfold' and only valid with it")
+    if source is not None:
+        ingest_flow(source=source, root=root, cache_size=image_size)
+    ensure_split(root, scheme, seed)
+    ensure_cache(root, image_size)
+    configs = [
+        TrainConfig(
+            root=root,
+            model=model,
+            magnification=mag,
+            scheme=scheme,
+            fold=fold,
+            epochs=epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+            lr=lr,
+            seed=seed,
+            pretrained=pretrained,
+            monitor=monitor,
+            resume=True,
+        )
+        for model in models
+        for mag in magnifications
+        for fold in (folds or [None])
+    ]
+    finished = [finished_run(config) for config in configs]
+    todo = [config for config, done in zip(configs, finished, strict=True) if done is None]
+    outcomes, failures = [done for done in finished if done is not None], []
+    if todo:
+        plan = plan_slots(len(todo), max_parallel)
+        logger.info(
+            "%d of %d trainings to run on %d %s slot(s), %d thread(s) each",
+            len(todo),
+            len(configs),
+            len(plan.slots),
+            plan.kind,
+            plan.threads,
+        )
+        trained, failures = _fan_out(todo, plan, retries)
+        outcomes += trained
+    for outcome in outcomes:
+        promotion = promote_task(root, outcome.run_uri)
+        logger.info(
+            "%s: %s (%s)",
+            outcome.run_id,
+            outcome.status,
+            "promoted" if promotion["promoted"] else promotion["reason"],
+        )
+        _publish_run_table(outcome)
+    publish_report(report_task(root), root)
+    if failures:
+        raise RuntimeError(
+            f"{len(failures)} of {len(configs)} trainings failed ({'; '.join(failures)}); the others "
+            "completed and were reported. Fix the cause and run the flow again: finished runs are "
+            "skipped, unfinished ones resume from their checkpoints"
+        )
+    return outcomes
+
+
+def _fan_out(
+    configs: list[TrainConfig], plan: SlotPlan, retries: int
+) -> tuple[list[TrainOutcome], list[str]]:
+    """Submit every training to a pool of ``len(plan.slots)`` slot-holding processes; wait for all."""
+    runner = ProcessPoolTaskRunner(
+        max_workers=len(plan.slots), initializer=claim_slot, initargs=(plan,)
+    )
+    task_ = train_run.with_options(retries=retries)
+    with runner:
+        futures = [runner.submit(task_, parameters={"config": config}) for config in configs]
+        for future in futures:
+            future.wait()
+    states = [future.state for future in futures]
+    outcomes, failures = [], []
+    for config, state in zip(configs, states, strict=True):
+        if state.is_completed():
+            outcomes.append(state.result())
+        else:
+            failures.append(f"{config.resolved_run_id}: {state.message}")
+    return outcomes, failures
+
+
+def _publish_run_table(outcome: TrainOutcome) -> None:
+    """The run's test metrics in the paper's Table 6 layout, beside the paper's published values."""
+    paper = PAPER_RESULTS.get(outcome.model, {}).get(outcome.magnification)
+    t = outcome.test
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [
+        {
+            "Model": paper_name(outcome.model),
+            "Magnification": f"{outcome.magnification}X",
+            "Accuracy": cell(t["accuracy"]),
+            "F1 (minority/weighted)": f"{cell(t['f1_minority'])}/{cell(t['f1_weighted'])}",
+            "IBA": cell(t["iba_unsquared"]),
+            "G-mean": cell(t["gmean"]),
+            "Train seconds": f"{outcome.train_seconds:.1f}",
+            "Best epoch": outcome.best_epoch + 1,
+            "Source": "this run",
+        }
+    ]
+    if paper is not None:
+        rows.append(
+            {
+                "Model": paper_name(outcome.model),
+                "Magnification": f"{outcome.magnification}X",
+                "Accuracy": cell(paper.accuracy),
+                "F1 (minority/weighted)": f"{cell(paper.f1_minority)}/{cell(paper.f1_weighted)}",
+                "IBA": cell(paper.iba),
+                "G-mean": cell(paper.gmean),
+                "Train seconds": "-",
+                "Best epoch": "-",
+                "Source": "paper",
+            }
+        )
+    create_table_artifact(
+        table=rows,
+        key=_artifact_key("metrics", outcome.run_id),
+        description=f"test metrics of {outcome.run_id} ({outcome.status}) at {outcome.run_uri}",
+    )
+
+
+def _artifact_key(kind: str, run_id: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    return f"{kind}-" + re.sub(r"[^a-z0-9-]+", "-", run_id.lower()).strip("-")
