@@ -122,7 +122,7 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     )
     assert registry.current(root, "dalaresnet50", 40)["reason"].startswith("pinned by operator")
     capsys.readouterr()
-    assert dala(["current", root]) == 0
+    assert dala(["models", "current", root]) == 0
     out = capsys.readouterr().out
     assert worse_id in out and "40X" in out and trained["data_version"] in out
     assert dala(["promote", root, "--model", "dalaresnet50", "--magnification", "200"]) == 2

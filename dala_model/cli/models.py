@@ -10,6 +10,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "models", help="list the registry models: library, parameters vs the paper, weights"
     )
     p.set_defaults(func=models)
+    sub = p.add_subparsers(dest="models_command", metavar="{current}")
+    c = sub.add_parser("current", help="show the served model of every (model, magnification)")
+    c.add_argument("root", help="storage root URL")
+    c.add_argument("--json", action="store_true", help="print the full registry records as JSON")
+    c.set_defaults(func=current)
+
+
+def current(args: argparse.Namespace) -> int:
+    from dala_model.cli.registry import current as show_current
+
+    return show_current(args)
 
 
 def models(args: argparse.Namespace) -> int:

@@ -1,8 +1,4 @@
-"""`dala promote` and `dala current`: pin or inspect the model that batch inference serves.
-
-``print_current(root)`` is also what `dala models current` prints, so both commands show the
-same table.
-"""
+"""`dala promote` pins the model that batch inference serves; `dala models current` shows it."""
 
 from __future__ import annotations
 
@@ -28,13 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "of this model and magnification, promoted only if it beats the current one",
     )
     p.set_defaults(func=promote)
-
-    c = subparsers.add_parser(
-        "current", help="show the served model of every (model, magnification)"
-    )
-    c.add_argument("root", help="storage root URL")
-    c.add_argument("--json", action="store_true", help="print the full registry records as JSON")
-    c.set_defaults(func=current)
 
 
 def promote(args: argparse.Namespace) -> int:
