@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Keep Prefect's local SQLite API and settings inside the checkout (the embedded default).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install run test lint bench gpu-bench clean
+.PHONY: install run test lint bench gpu-bench clean audit
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dala_model flows tests bench
 	$(VENV)/bin/ruff format --check dala_model flows tests bench
+
+# Known-vulnerability check of the pinned dependencies (constraints.txt); needs PyPI/OSV access.
+audit: $(STAMP)
+	$(PY) -m pip install -q pip-audit
+	$(VENV)/bin/pip-audit --strict -r constraints.txt
 
 clean:
 	rm -rf $(VENV) .prefect data .pytest_cache

@@ -25,6 +25,9 @@ Decisions, so every later step can trust the manifest:
   read. Files no longer in the source are dropped from the manifest. The output depends only on
   the source's current content, so re-running is idempotent and equals a fresh ingest (reused rows
   keep their ``ingested_at``).
+- After listing and before anything is read, a probe write under ``root`` proves it is writable; a store that stays
+  unreachable after storage's bounded retries ends the run with ``storage.StorageError`` (nothing
+  is committed, and a rerun starts over from the previous manifest).
 - Commit order: cache shards, then quarantine and duplicates, then ``manifest.parquet`` last; each
   is an atomic write, so an ingest killed at any point leaves the previous manifest (or none) and
   a rerun completes the work.
@@ -117,6 +120,7 @@ def ingest(
             f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {storage.redact(source)}: "
             "check the source URL"
         )
+    storage.check_writable(root)  # fail in a second, not after reading the whole source
     previous = _previous_rows(root, source)
     now = pd.Timestamp.now(tz="UTC").floor("us")
     writer = ShardWriter(root, cache_size) if cache_size else None

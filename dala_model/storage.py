@@ -18,6 +18,17 @@ the final name):
 
 Messages built here pass URLs through :func:`redact`, so credentials embedded in a URL
 (``scheme://user:secret@host``) or present in the AWS environment never reach logs or errors.
+
+Transient object-store faults (HTTP 500/503, throttling, dropped or reset connections, timeouts)
+are retried by botocore itself, configured here once for every S3 file system: the "standard"
+retry mode (exponential backoff with jitter, capped at 20 s, and a retry quota so an outage does
+not turn into a retry storm), ``S3_MAX_ATTEMPTS`` attempts in all unless ``AWS_MAX_ATTEMPTS`` /
+``AWS_RETRY_MODE`` say otherwise, and bounded connect/read timeouts. s3fs wraps its own retry
+loop around botocore's, which would multiply the attempts (25 by default, 43 s against a dead
+endpoint); it is cut to ``S3FS_RETRIES`` so it only adds a second pass for a body cut off
+mid-read, which botocore cannot retry. When the retries are spent, :class:`StorageError` names the
+URL (redacted) and the cause, and the original exception is not chained, so no client internals
+(which may hold request headers) reach a log.
 """
 
 from __future__ import annotations
@@ -33,14 +44,24 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import aiohttp
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.implementations.local import LocalFileSystem
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID")
+S3_MAX_ATTEMPTS = 5  # botocore attempts per request, the first included
+S3FS_RETRIES = 2  # s3fs passes around botocore's attempts (1 = no extra pass)
+S3_CONNECT_TIMEOUT_S = 10
+S3_READ_TIMEOUT_S = 60
+
+
+class StorageError(OSError):
+    """The store failed in a way retries did not fix (unreachable, 5xx, refused): try again later."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +93,69 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if not url:
         raise ValueError("empty storage URL: give a local path, file://, s3:// or memory:// URL")
     try:
-        return fsspec.core.url_to_fs(url)
+        protocol = fsspec.core.split_protocol(url)[0]
+        s3 = protocol in ("s3", "s3a")
+        fs, path = fsspec.core.url_to_fs(url, **(_s3_options() if s3 else {}))
     except (ImportError, ValueError) as exc:
         raise ValueError(f"cannot open storage URL {redact(url)}: {redact(exc)}") from None
+    if s3:
+        fs.retries = S3FS_RETRIES  # a class attribute in s3fs, not a constructor argument
+    return fs, path
+
+
+def _s3_options() -> dict:
+    """s3fs/botocore retry and timeout settings (see the module docstring)."""
+    return {
+        "config_kwargs": {
+            "retries": {
+                "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+                "max_attempts": int(os.environ.get("AWS_MAX_ATTEMPTS", S3_MAX_ATTEMPTS)),
+            },
+            "connect_timeout": S3_CONNECT_TIMEOUT_S,
+            "read_timeout": S3_READ_TIMEOUT_S,
+        },
+    }
+
+
+@contextlib.contextmanager
+def _store_errors(url: str, action: str) -> Iterator[None]:
+    """Turn a failure of the store (not a missing file) into a :class:`StorageError` naming ``url``."""
+    try:
+        yield
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, StorageError):
+        raise  # about the path, not the store: callers name it themselves
+    except (OSError, BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, ClientError) else exc
+        if isinstance(cause, ClientError):  # s3fs keeps the S3 error code and status here
+            error = cause.response.get("Error", {})
+            status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+            reason = f"HTTP {status} {error.get('Code', '')}: {error.get('Message', '')}"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
+        raise StorageError(
+            f"cannot {action} {redact(url)}: {redact(reason)}; "
+            "check that the store is reachable and writable (AWS_ENDPOINT_URL, credentials), "
+            "then rerun: completed work is kept"
+        ) from None
+
+
+def check_writable(root: str) -> None:
+    """Raise :class:`StorageError` unless a file can be written under ``root`` (and removed).
+
+    Called before any long work, so a read-only or missing root fails in a second, not after an
+    hour of decoding. The probe is a tiny file with a unique name, removed straight away.
+    """
+    probe = join(root, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        write_bytes_atomic(probe, b"")
+        fs, path = filesystem(probe)
+        with _store_errors(probe, "remove"):
+            fs.rm_file(path)
+    except OSError as exc:  # StorageError, a missing bucket or parent, permissions
+        raise StorageError(
+            f"storage root {redact(root)} is not writable ({type(exc).__name__}: {redact(exc)}); "
+            "give a root you can write to, or fix its permissions or credentials"
+        ) from None
 
 
 def check_relative_key(key: str) -> str:
@@ -98,13 +179,15 @@ def join(root: str, *parts: str) -> str:
 
 def exists(url: str) -> bool:
     fs, path = filesystem(url)
-    return fs.exists(path)
+    with _store_errors(url, "check"):
+        return fs.exists(path)
 
 
 def read_bytes(url: str) -> bytes:
     fs, path = filesystem(url)
     try:
-        return fs.cat_file(path)
+        with _store_errors(url, "read"):
+            return fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{redact(url)} does not exist") from None
 
@@ -112,7 +195,10 @@ def read_bytes(url: str) -> bytes:
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write ``data`` to ``url`` so that readers see either the old file or all of the new one."""
     fs, path = filesystem(url)
-    if isinstance(fs, LocalFileSystem):
+    with _store_errors(url, "write"):
+        if not isinstance(fs, LocalFileSystem):
+            fs.pipe_file(path, data)
+            return
         fs.makedirs(posixpath.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         try:
@@ -124,8 +210,6 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-    else:
-        fs.pipe_file(path, data)
 
 
 def list_file_infos(url: str, suffixes: Iterable[str] | None = None) -> list[StoredFile]:
@@ -139,13 +223,15 @@ def list_file_infos(url: str, suffixes: Iterable[str] | None = None) -> list[Sto
     base = base.rstrip("/")
     fs.invalidate_cache(base)  # another process may have written since this fs was cached
     wanted = tuple(s.lower() for s in suffixes) if suffixes is not None else None
-    try:
-        found = fs.find(base, detail=True)
-    except FileNotFoundError:
-        found = {}
-    if not found and not fs.exists(base):
-        raise FileNotFoundError(f"{redact(url)} does not exist: check the URL and credentials")
-    if fs.isfile(base):
+    with _store_errors(url, "list"):
+        try:
+            found = fs.find(base, detail=True)
+        except FileNotFoundError:
+            found = {}
+        if not found and not fs.exists(base):
+            raise FileNotFoundError(f"{redact(url)} does not exist: check the URL and credentials")
+        is_file = fs.isfile(base)
+    if is_file:
         raise ValueError(f"{redact(url)} is a file; give the folder or prefix that holds it")
     files = []
     for name, info in found.items():
@@ -219,7 +305,8 @@ def local_copy(url: str) -> Iterator[str]:
     try:
         target = os.path.join(tmpdir, posixpath.basename(path.rstrip("/")) or "data")
         try:
-            fs.get_file(path, target)
+            with _store_errors(url, "download"):
+                fs.get_file(path, target)
         except FileNotFoundError:
             raise FileNotFoundError(f"{redact(url)} does not exist") from None
         yield target
