@@ -1,7 +1,25 @@
-"""dala_model: DALAResNet50 and the BreakHis pipeline as a plain library (no Prefect imports)."""
+"""dala_model: DALAResNet50 and the BreakHis pipeline as a plain library (no Prefect imports).
 
-from dala_model.checkpoint import load_model, save_model
-from dala_model.models import build_model, get_model_spec, list_models
+The model API is exported here but imported on first use (PEP 562), so data-only work such as
+ingest does not load torch: that keeps an ingest worker's memory at the size of its images.
+"""
 
-__all__ = ["build_model", "get_model_spec", "list_models", "load_model", "save_model"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build_model": "dala_model.models",
+    "get_model_spec": "dala_model.models",
+    "list_models": "dala_model.models",
+    "load_model": "dala_model.checkpoint",
+    "save_model": "dala_model.checkpoint",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dala_model' has no attribute {name!r}")

@@ -131,6 +131,17 @@ class ShardWriter:
         self._ids, self._arrays = [], []
 
 
+def decode_verified(uri: str, sha256: str, size: int) -> np.ndarray:
+    """Read ``uri``, check it is still the file ingest saw, and decode + resize it."""
+    data = storage.read_bytes(uri)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(
+            f"{storage.redact(uri)} changed since ingest (sha256 differs): re-run `dala ingest`"
+        )
+    with Image.open(io.BytesIO(data)) as image:
+        return resize(image, size)
+
+
 def build_cache(root: str, size: int = 224, workers: int | None = None) -> int:
     """Decode and cache every manifest image missing from ``ROOT/cache/<size>``; return how many.
 
@@ -148,13 +159,7 @@ def build_cache(root: str, size: int = 224, workers: int | None = None) -> int:
 
     def decode(row: tuple[str, str, str]) -> tuple[str, np.ndarray]:
         image_id, uri, sha = row
-        data = storage.read_bytes(uri)
-        if hashlib.sha256(data).hexdigest() != sha:
-            raise ValueError(
-                f"{storage.redact(uri)} changed since ingest (sha256 differs): re-run `dala ingest`"
-            )
-        with Image.open(io.BytesIO(data)) as image:
-            return image_id, resize(image, size)
+        return image_id, decode_verified(uri, sha, size)
 
     with ThreadPoolExecutor(workers or default_workers()) as pool:
         for image_id, array in tqdm(

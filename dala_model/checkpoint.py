@@ -1,4 +1,4 @@
-"""Model checkpoints as a folder: ``model.safetensors`` (weights) + ``config.json`` (the card).
+"""Model checkpoints as a folder: ``model-<sha256[:16]>.safetensors`` (weights) + ``config.json`` (the card).
 
 The config says everything needed to use the weights without reading code: which registry model
 and options rebuild the network, the class names, the normalisation preset, the input size, the
@@ -8,6 +8,10 @@ Loading trusts nothing: the config must be ours, the weights must hash to what t
 recorded (which also catches a weights file and config from two different saves), must parse as
 safetensors, and must fit the rebuilt model exactly. Anything else is an :class:`InvalidCheckpoint`
 that names the location and the problem. Nothing is ever unpickled.
+
+Saving over an existing checkpoint never leaves it unloadable: the weights go to a new,
+content-addressed file, the config that names it is committed last, and only then are the old
+weights removed. A crash at any point leaves either the old or the new checkpoint complete.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from dala_model.transforms import get_preset
 
 FORMAT = "dala-model"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "model-", ".safetensors"
 CONFIG_FILE = "config.json"
 BINARY_CLASS_NAMES = ("benign", "malignant")
-_REQUIRED = ("model", "num_classes", "options", "preset", "weights_sha256")
+_REQUIRED = ("model", "num_classes", "options", "preset", "weights_file", "weights_sha256")
 
 
 class InvalidCheckpoint(ValueError):
@@ -51,10 +55,10 @@ def save_model(
     image_size: int | None = None,
     card: dict[str, Any] | None = None,
 ) -> str:
-    """Write ``uri/model.safetensors`` then ``uri/config.json``, each atomically; return ``uri``.
+    """Write the weights, then ``uri/config.json`` naming them, each atomically; return ``uri``.
 
-    The config is written last and records the weights' SHA-256, so a reader never accepts a
-    weights file that does not belong to the config beside it.
+    The config is written last and records the weights' file name and SHA-256, so a reader never
+    accepts a weights file that does not belong to the config beside it.
     """
     model = _unwrap(model)
     build = getattr(model, "dala_build", None)
@@ -70,6 +74,8 @@ def save_model(
         key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
     }
     weights = safetensors.torch.save(tensors)
+    sha256 = hashlib.sha256(weights).hexdigest()
+    weights_file = f"{WEIGHTS_PREFIX}{sha256[:16]}{WEIGHTS_SUFFIX}"
     num_classes = build["num_classes"]
     config = {
         "format": FORMAT,
@@ -85,8 +91,8 @@ def save_model(
         "std": list(norm.std),
         "input_size": image_size or spec.input_size,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "weights_file": WEIGHTS_FILE,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_file": weights_file,
+        "weights_sha256": sha256,
         "torch_version": torch.__version__,
         "dala_version": dala_model.__version__,
         "card": card or {},
@@ -95,8 +101,11 @@ def save_model(
         config_bytes = json.dumps(config, indent=2, sort_keys=True, default=_json_scalar).encode()
     except TypeError as exc:
         raise ValueError(f"save_model: card must be JSON-serialisable: {exc}") from None
-    storage.write_bytes_atomic(storage.join(uri, WEIGHTS_FILE), weights)
+    storage.write_bytes_atomic(storage.join(uri, weights_file), weights)
     storage.write_bytes_atomic(storage.join(uri, CONFIG_FILE), config_bytes)
+    for stale in storage.list_files(uri, suffixes=(WEIGHTS_SUFFIX,)):
+        if not stale.endswith("/" + weights_file):
+            storage.remove(stale)
     return uri
 
 
@@ -110,9 +119,7 @@ def _json_scalar(value: Any) -> Any:
 def read_model_config(uri: str) -> dict[str, Any]:
     """The checkpoint's ``config.json``, checked to be one that :func:`save_model` wrote."""
     where = storage.redact(uri)
-    hint = (
-        f"a checkpoint is a folder holding {WEIGHTS_FILE} and {CONFIG_FILE} written by save_model"
-    )
+    hint = f"a checkpoint is a folder holding {CONFIG_FILE} and the weights it names, written by save_model"
     try:
         raw = storage.read_bytes(storage.join(uri, CONFIG_FILE))
     except (FileNotFoundError, NotADirectoryError):
@@ -135,6 +142,16 @@ def read_model_config(uri: str) -> dict[str, Any]:
     missing = [key for key in _REQUIRED if key not in config]
     if missing:
         raise InvalidCheckpoint(f"{where}/{CONFIG_FILE} lacks {missing}; {hint}")
+    name = config["weights_file"]
+    if not (
+        isinstance(name, str)
+        and name.endswith(WEIGHTS_SUFFIX)
+        and "/" not in name
+        and "\\" not in name
+    ):
+        raise InvalidCheckpoint(
+            f"{where}/{CONFIG_FILE} names weights {name!r}, not a file in the folder"
+        )
     return config
 
 
@@ -142,20 +159,21 @@ def load_model(uri: str, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the saved model from ``uri`` (local path or fsspec URL), in eval mode."""
     config = read_model_config(uri)
     where = storage.redact(uri)
+    weights_file = config["weights_file"]
     try:
-        weights = storage.read_bytes(storage.join(uri, WEIGHTS_FILE))
+        weights = storage.read_bytes(storage.join(uri, weights_file))
     except (FileNotFoundError, NotADirectoryError):
-        raise InvalidCheckpoint(f"{where} has a config but no {WEIGHTS_FILE}") from None
+        raise InvalidCheckpoint(f"{where} has a config but no {weights_file}") from None
     if hashlib.sha256(weights).hexdigest() != config["weights_sha256"]:
         raise InvalidCheckpoint(
-            f"{where}/{WEIGHTS_FILE} does not match its config (SHA-256 differs): the file is "
+            f"{where}/{weights_file} does not match its config (SHA-256 differs): the file is "
             "corrupt, was replaced, or a save was interrupted; save the model again"
         )
     try:
         tensors = safetensors.torch.load(weights)
     except SafetensorError as exc:
         raise InvalidCheckpoint(
-            f"{where}/{WEIGHTS_FILE} is not a safetensors file: {exc}"
+            f"{where}/{weights_file} is not a safetensors file: {exc}"
         ) from None
     try:
         model = build_model(config["model"], num_classes=config["num_classes"], **config["options"])

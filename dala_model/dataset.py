@@ -8,16 +8,14 @@ on a GPU the whole array is moved to device memory once. Decoding PNGs is the fa
 
 from __future__ import annotations
 
-import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
-from dala_model import cache, storage
+from dala_model import cache
 from dala_model.manifest import read_manifest
 from dala_model.splits import read_split
 
@@ -81,23 +79,19 @@ def load_pixels(root: str, frame: pd.DataFrame, size: int, use_cache: bool = Tru
             root,
             size,
         )
-        return decode_pngs(frame["uri"].tolist(), size)
+        return decode_pngs(frame, size)
     if cache.missing_from_cache(root, ids, size):
         log.info("decoded cache at %dpx lacks some images; building it now", size)
         cache.build_cache(root, size)
     return cache.load_images(root, ids, size)
 
 
-def decode_pngs(uris: list[str], size: int, workers: int | None = None) -> np.ndarray:
-    """Decode and resize exactly as the cache does (Pillow releases the GIL while decoding)."""
-
-    def one(uri: str) -> np.ndarray:
-        with Image.open(io.BytesIO(storage.read_bytes(uri))) as img:
-            return cache.resize(img, size)
-
-    out = np.empty((len(uris), size, size, 3), dtype=np.uint8)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, pixels in enumerate(pool.map(one, uris)):
+def decode_pngs(frame: pd.DataFrame, size: int, workers: int | None = None) -> np.ndarray:
+    """Decode ``frame``'s images exactly as the cache does, refusing files changed since ingest."""
+    out = np.empty((len(frame), size, size, 3), dtype=np.uint8)
+    rows = zip(frame["uri"], frame["sha256"], strict=True)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow releases the GIL while decoding
+        for i, pixels in enumerate(pool.map(lambda row: cache.decode_verified(*row, size), rows)):
             out[i] = pixels
     return out
 

@@ -237,7 +237,7 @@ def _pixels(root: str, chunk: pd.DataFrame, size: int, cached: set[str]) -> np.n
             root, [i for i, c in zip(ids, in_cache, strict=True) if c], size
         )
     if not in_cache.all():
-        out[~in_cache] = decode_pngs(chunk["uri"][~in_cache].tolist(), size)
+        out[~in_cache] = decode_pngs(chunk[~in_cache], size)
     return out
 
 

@@ -10,7 +10,7 @@ promotion log is append-only by construction: every promotion writes a new objec
 time-ordered key instead of appending to one file, because object stores cannot append and two
 writers appending to one object would lose each other's lines.
 
-``model_version`` is the sha256 of the checkpoint's ``model.safetensors``: it names exactly the
+``model_version`` is the sha256 of the checkpoint's weights file: it names exactly the
 weights that produced a prediction, independent of run names, so predictions stay attributable
 after a run folder is reused or a model is re-promoted.
 
@@ -21,12 +21,12 @@ rare, operator- or flow-driven events, so no lock service is worth its cost here
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dala_model import storage
+from dala_model.checkpoint import read_model_config
 
 # TrainConfig.monitor -> (key in run.json's metrics.val, sign that makes larger better)
 _MONITOR_KEYS = {
@@ -78,10 +78,8 @@ def promotions(root: str, model: str, magnification: int) -> list[dict]:
 
 
 def model_version(best_uri: str) -> str:
-    """sha256 of the checkpoint's weights file: the identity of the served weights."""
-    return hashlib.sha256(
-        storage.read_bytes(storage.join(best_uri, "model.safetensors"))
-    ).hexdigest()
+    """sha256 of the checkpoint's weights (recorded in its config, verified by ``load_model``)."""
+    return read_model_config(best_uri)["weights_sha256"]
 
 
 def ranking_score(summary: dict) -> float:

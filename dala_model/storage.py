@@ -148,9 +148,7 @@ def check_writable(root: str) -> None:
     probe = join(root, f".write-probe-{uuid.uuid4().hex}")
     try:
         write_bytes_atomic(probe, b"")
-        fs, path = filesystem(probe)
-        with _store_errors(probe, "remove"):
-            fs.rm_file(path)
+        remove(probe)
     except OSError as exc:  # StorageError, a missing bucket or parent, permissions
         raise StorageError(
             f"storage root {redact(root)} is not writable ({type(exc).__name__}: {redact(exc)}); "
@@ -190,6 +188,14 @@ def read_bytes(url: str) -> bytes:
             return fs.cat_file(path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{redact(url)} does not exist") from None
+
+
+def remove(url: str) -> None:
+    """Delete one file (a missing file is fine: removal is idempotent)."""
+    fs, path = filesystem(url)
+    with _store_errors(url, "remove"):
+        if fs.exists(path):
+            fs.rm_file(path)
 
 
 def write_bytes_atomic(url: str, data: bytes) -> None:

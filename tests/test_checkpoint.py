@@ -55,7 +55,8 @@ def test_round_trip_rebuilds_the_exact_model(storage_root):
     assert config["parameters"] == sum(p.numel() for p in model.parameters())
     assert config["torch_version"] == torch.__version__
     assert config["card"] == {"val_accuracy": 0.875, "data_version": "abc123", "seed": 7}
-    assert storage.exists(storage.join(uri, "model.safetensors"))
+    assert storage.exists(storage.join(uri, config["weights_file"]))
+    assert config["weights_file"] == f"model-{config['weights_sha256'][:16]}.safetensors"
 
 
 def test_default_input_size_is_the_models(tmp_path):
@@ -86,9 +87,13 @@ def saved(tmp_path_factory) -> Path:
 def _copy(saved: Path, tmp_path: Path) -> Path:
     target = tmp_path / "ckpt"
     target.mkdir()
-    for name in ("model.safetensors", "config.json"):
-        (target / name).write_bytes((saved / name).read_bytes())
+    for source in saved.iterdir():
+        (target / source.name).write_bytes(source.read_bytes())
     return target
+
+
+def _weights(folder: Path) -> Path:
+    return folder / json.loads((folder / "config.json").read_text())["weights_file"]
 
 
 def _edit_config(folder: Path, **changes) -> None:
@@ -99,7 +104,7 @@ def _edit_config(folder: Path, **changes) -> None:
 
 def _replace_weights(folder: Path, data: bytes) -> None:
     """Swap the weights and record their hash, so only the content check can object."""
-    (folder / "model.safetensors").write_bytes(data)
+    _weights(folder).write_bytes(data)
     _edit_config(folder, weights_sha256=hashlib.sha256(data).hexdigest())
 
 
@@ -139,26 +144,58 @@ def test_config_from_another_tool_is_refused(saved, tmp_path):
         load_model(str(folder))
 
 
+def test_interrupted_resave_leaves_the_previous_checkpoint_loadable(saved, tmp_path):
+    """A crash after the new weights are written but before the config is: the old model still loads."""
+    folder = _copy(saved, tmp_path)
+    before = load_model(str(folder)).state_dict()
+    other = build_model("densenet121")
+    orphan = safetensors.torch.save({k: v.contiguous() for k, v in other.state_dict().items()})
+    (folder / f"model-{hashlib.sha256(orphan).hexdigest()[:16]}.safetensors").write_bytes(orphan)
+    after = load_model(str(folder)).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resave_replaces_weights_and_removes_the_old_file(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    old = _weights(folder)
+    save_model(build_model("densenet121"), str(folder), preset="paper")
+    assert _weights(folder) != old and _weights(folder).exists() and not old.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["config.json", _weights(folder).name]
+    )
+
+
+def test_weights_file_outside_the_folder_is_refused(saved, tmp_path):
+    folder = _copy(saved, tmp_path)
+    _edit_config(folder, weights_file="../elsewhere.safetensors")
+    with pytest.raises(InvalidCheckpoint, match="not a file in the folder"):
+        load_model(str(folder))
+
+
 def test_missing_weights_are_named(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    (folder / "model.safetensors").unlink()
-    with pytest.raises(InvalidCheckpoint, match=r"has a config but no model.safetensors"):
+    _weights(folder).unlink()
+    with pytest.raises(
+        InvalidCheckpoint, match=r"has a config but no model-[0-9a-f]{16}.safetensors"
+    ):
         load_model(str(folder))
 
 
 def test_corrupt_weights_are_refused(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    data = bytearray((folder / "model.safetensors").read_bytes())
+    data = bytearray(_weights(folder).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (folder / "model.safetensors").write_bytes(bytes(data))
+    _weights(folder).write_bytes(bytes(data))
     with pytest.raises(InvalidCheckpoint, match=r"does not match its config \(SHA-256 differs\)"):
         load_model(str(folder))
 
 
 def test_truncated_safetensors_is_refused(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    _replace_weights(folder, (folder / "model.safetensors").read_bytes()[:1000])
-    with pytest.raises(InvalidCheckpoint, match=r"model.safetensors is not a safetensors file"):
+    _replace_weights(folder, _weights(folder).read_bytes()[:1000])
+    with pytest.raises(
+        InvalidCheckpoint, match=r"model-[0-9a-f]{16}.safetensors is not a safetensors file"
+    ):
         load_model(str(folder))
 
 
@@ -180,7 +217,7 @@ def test_weights_of_another_model_are_refused(saved, tmp_path):
 
 def test_weights_with_the_wrong_head_shape_are_refused(saved, tmp_path):
     folder = _copy(saved, tmp_path)
-    tensors = safetensors.torch.load((folder / "model.safetensors").read_bytes())
+    tensors = safetensors.torch.load(_weights(folder).read_bytes())
     tensors["classifier.weight"] = torch.zeros(3, 1024)
     _replace_weights(folder, safetensors.torch.save(tensors))
     with pytest.raises(InvalidCheckpoint, match=r"size mismatch for classifier.weight"):

@@ -92,7 +92,7 @@ def test_scores_once_per_model_version(served_root):
     # The cached pixels score like freshly decoded PNGs through the same model.
     model = load_model(record["checkpoint_uri"])
     expected = predict_proba(
-        model, decode_pngs(at40["uri"].tolist(), 32), preset="paper", device=torch.device("cpu")
+        model, decode_pngs(at40, 32), preset="paper", device=torch.device("cpu")
     )
     got = table.set_index("image_id").loc[at40["image_id"], "prob_malignant"].to_numpy()
     np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -9,6 +9,7 @@ import fsspec
 import pytest
 
 from dala_model import registry, storage, synth
+from dala_model.checkpoint import read_model_config
 from dala_model.cli import main as dala
 from dala_model.config import TrainConfig
 from dala_model.ingest import ingest
@@ -74,7 +75,8 @@ def test_promotes_first_then_only_better_runs(storage_root, trained):
     first = registry.promote(storage_root, worse)
     assert first.promoted and first.previous is None
     record = registry.current(storage_root, "dalaresnet50", 40)
-    weights = storage.read_bytes(storage.join(worse, "best", "model.safetensors"))
+    best = storage.join(worse, "best")
+    weights = storage.read_bytes(storage.join(best, read_model_config(best)["weights_file"]))
     assert record["model_version"] == hashlib.sha256(weights).hexdigest()
     assert record["checkpoint_uri"] == storage.join(worse, "best")
     assert record["data_version"] == trained["data_version"]

@@ -38,17 +38,30 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    from dala_model.pretrained import PretrainedWeightsUnavailable
-
     try:
         return int(args.func(args) or 0)
-    except (
-        UsageError,
-        ValueError,
-        FileNotFoundError,
-        KeyError,
-        PretrainedWeightsUnavailable,
-    ) as exc:
+    except _user_errors() as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"dala {args.command}: error: {message}", file=sys.stderr)
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message says what to fix; anything else keeps its traceback.
+
+    The pretrained-weights error is looked up only when its module was loaded (it pulls in torch,
+    which data commands such as `dala ingest` never need).
+    """
+    from dala_model.storage import StorageError
+
+    errors: list[type[BaseException]] = [
+        UsageError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        StorageError,
+    ]
+    pretrained = sys.modules.get("dala_model.pretrained")
+    if pretrained is not None:
+        errors.append(pretrained.PretrainedWeightsUnavailable)
+    return tuple(errors)

@@ -158,13 +158,9 @@ def test_manifest_row_whose_file_changed_is_refused_by_the_cache(fresh_root):
         build_cache(root, 32)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="dataset.decode_pngs (use_cache=False) does not check sha256; fix in docs/RELIABILITY.md",
-)
 def test_manifest_row_whose_file_changed_is_refused_without_the_cache(fresh_root):
     _, root = fresh_root
     manifest = read_manifest(root)
     Path(manifest["uri"].iloc[2]).write_bytes(Path(manifest["uri"].iloc[5]).read_bytes())
     with pytest.raises(ValueError, match="changed since ingest"):
-        decode_pngs(manifest["uri"].tolist(), 32)
+        decode_pngs(manifest, 32)
