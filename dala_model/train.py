@@ -31,11 +31,11 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
 
-from dala_model import storage
+from dala_model import distributed, storage
 from dala_model.checkpoint import load_model, save_model
 from dala_model.config import TrainConfig
 from dala_model.dataset import SplitImages, load_split
-from dala_model.device import autocast, resolve_device, resolve_precision, synchronize
+from dala_model.device import autocast, resolve_precision, synchronize
 from dala_model.inference import predict_logits
 from dala_model.manifest import manifest_version
 from dala_model.metrics import classification_metrics, evaluate
@@ -72,7 +72,24 @@ def run_uri(config: TrainConfig) -> str:
 
 
 def train(config: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
-    """Train, keep the best-on-validation model, evaluate it on the test split, write the run folder."""
+    """Train, keep the best-on-validation model, evaluate it on the test split, write the run folder.
+
+    Under ``torchrun`` every rank calls this; see ``dala_model.distributed`` for the split of work.
+    """
+    storage.check_writable(config.root)  # fail in a second, not after an epoch
+    job = distributed.world()
+    if job.size == 1:
+        return _train(config, progress, job)
+    started = distributed.start(job, distributed.device_for(config.device, job))
+    try:
+        return _train(config, progress, job)
+    finally:
+        distributed.stop(started)
+
+
+def _train(
+    config: TrainConfig, progress: ProgressCallback | None, job: distributed.World
+) -> TrainResult:
     folder = run_uri(config)
     paths = {
         name: storage.join(folder, name)
@@ -98,9 +115,11 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
                 f"run folder {folder} holds an unfinished run; pass resume=True (--resume) to continue it "
                 "or choose another run_id/seed"
             )
+    distributed.check_batch_size(config.batch_size, job)
+    distributed.barrier(job)  # every rank has checked the folder before rank 0 writes to it
 
     _seed_everything(config.seed)
-    device = resolve_device(config.device)
+    device = distributed.device_for(config.device, job)
     dtype = resolve_precision(config.precision, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -113,7 +132,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
         config.use_cache,
     )
     data_version = manifest_version(config.root)
-    if recorded is None:
+    if recorded is None and job.is_main:
         storage.write_bytes_atomic(
             paths["config.json"],
             _dumps(
@@ -135,7 +154,8 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
     model = model.to(
         device, memory_format=torch.channels_last if config.channels_last else torch.preserve_format
     )
-    step_model = torch.compile(model) if config.compile else model
+    parallel = distributed.wrap(model, device, job)
+    step_model = torch.compile(parallel) if config.compile else parallel
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     criterion = nn.CrossEntropyLoss(weight=_class_weights(config, data["train"].labels, device))
     augment = BatchAugment(degrees=config.rotation_degrees)
@@ -168,6 +188,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
             train_y,
             device,
             dtype,
+            job,
         )
         train_seconds = time.perf_counter() - started
         if config.recalibrate_bn:
@@ -190,13 +211,16 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
         score = _monitor_score(config.monitor, val)
         if state["best"]["score"] is None or score > state["best"]["score"]:
             state["best"] = {"epoch": epoch, "score": score, "val": val}
-            save_model(
-                model,
-                paths["best"],
-                preset=config.preset,
-                image_size=config.image_size,
-                card=_card(config, data_version, epoch, val),
-            )
+            if job.is_main:
+                save_model(
+                    model,
+                    paths["best"],
+                    preset=config.preset,
+                    image_size=config.image_size,
+                    card=_card(config, data_version, epoch, val),
+                )
+        if not job.is_main:
+            continue  # the other ranks train and validate alike; rank 0 alone writes and reports
         _checkpoint(paths["checkpoint.pt"], model, optimizer, state)
         storage.write_parquet_atomic(pd.DataFrame(state["history"]), paths["history.parquet"])
         log.info(
@@ -216,23 +240,37 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
         if progress is not None:
             progress({**record, "epochs": config.epochs, "run_id": config.resolved_run_id})
 
-    return _finish(config, paths, folder, state, device, dtype, data)
+    if not job.is_main:
+        distributed.barrier(job)  # wait for rank 0's test evaluation and run.json
+        summary = json.loads(storage.read_bytes(paths["run.json"]))
+        return _result(summary, folder, paths["best"], status="complete")
+    result = _finish(config, paths, folder, state, device, dtype, data)
+    distributed.barrier(job)
+    return result
 
 
 def _train_epoch(
-    config, epoch, model, optimizer, criterion, augment, train_x, train_y, device, dtype
+    config, epoch, model, optimizer, criterion, augment, train_x, train_y, device, dtype, job
 ):
     model.train()
     order = epoch_order(train_y.cpu().numpy(), config.seed, epoch, config.imbalance)
     batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-    if len(batches) > 1 and len(batches[-1]) == 1:
-        batches.pop()  # BatchNorm cannot train on a single image
-    generator = torch.Generator(device=device).manual_seed(_epoch_seed(config.seed, epoch, salt=1))
+    if len(batches) > 1 and len(batches[-1]) < 2 * job.size:
+        batches.pop()  # BatchNorm cannot train on a single image (per rank)
+    batches = [distributed.shard(batch, job) for batch in batches]
+    # Ranks draw different augmentations (rank 0, and a single process, keep the original seed).
+    augment_seed = _epoch_seed(config.seed, epoch, salt=1) ^ job.rank
+    generator = torch.Generator(device=device).manual_seed(augment_seed)
     losses = torch.zeros(len(batches), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     for b, idx in enumerate(
-        tqdm(batches, desc=f"epoch {epoch + 1}", leave=False, disable=not sys.stderr.isatty())
+        tqdm(
+            batches,
+            desc=f"epoch {epoch + 1}",
+            leave=False,
+            disable=not (sys.stderr.isatty() and job.is_main),
+        )
     ):
         index = torch.from_numpy(idx).to(train_x.device)
         xb = train_x.index_select(0, index).to(device, non_blocking=True)
@@ -251,6 +289,10 @@ def _train_epoch(
         correct += (logits.argmax(dim=1) == yb).sum()
         seen += len(idx)
     synchronize(device)
+    if job.size > 1:  # epoch totals over all ranks, so every rank logs and checks the same numbers
+        losses = distributed.sum_over_ranks(losses, job) / job.size
+        distributed.sum_over_ranks(correct, job)
+        seen = int(distributed.sum_over_ranks(torch.tensor(seen, device=device), job))
     finite = torch.isfinite(losses)
     if not bool(finite.all()):
         bad = int((~finite).nonzero()[0, 0])
