@@ -8,10 +8,10 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 
 .PHONY: install run test lint bench gpu-bench clean audit
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +29,6 @@ lint: $(STAMP)
 
 # Known-vulnerability check of the pinned dependencies (constraints.txt); needs PyPI/OSV access.
 audit: $(STAMP)
-	$(PY) -m pip install -q pip-audit
 	$(VENV)/bin/pip-audit --strict -r constraints.txt
 
 clean:
