@@ -33,3 +33,11 @@ audit: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .prefect data .pytest_cache
+
+# CPU benchmark suite (not part of `make test`): writes bench/results/latest.json. BENCH_QUICK=1 for tiny sizes.
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+# The GPU benchmark on a CUDA machine (see bench/RESULTS.md for the command used on a bare GPU host).
+gpu-bench: $(STAMP)
+	$(PY) -m bench.gpu --out bench/results/gpu.json

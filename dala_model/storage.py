@@ -39,17 +39,16 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-import aiohttp
 import fsspec
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from botocore.exceptions import BotoCoreError, ClientError
 from fsspec.implementations.local import LocalFileSystem
 
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
@@ -117,6 +116,19 @@ def _s3_options() -> dict:
     }
 
 
+def _store_error_types() -> tuple[type[BaseException], ...]:
+    """What a failing store raises. botocore and aiohttp are looked up only once s3fs has loaded
+    them, so local-only use (and the GPU benchmark host) never needs them installed."""
+    types: list[type[BaseException]] = [OSError, TimeoutError]
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        types += [botocore.BotoCoreError, botocore.ClientError]
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        types.append(aiohttp.ClientError)
+    return tuple(types)
+
+
 @contextlib.contextmanager
 def _store_errors(url: str, action: str) -> Iterator[None]:
     """Turn a failure of the store (not a missing file) into a :class:`StorageError` naming ``url``."""
@@ -124,9 +136,10 @@ def _store_errors(url: str, action: str) -> Iterator[None]:
         yield
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, StorageError):
         raise  # about the path, not the store: callers name it themselves
-    except (OSError, BotoCoreError, ClientError, aiohttp.ClientError, TimeoutError) as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, ClientError) else exc
-        if isinstance(cause, ClientError):  # s3fs keeps the S3 error code and status here
+    except _store_error_types() as exc:
+        client_error = getattr(sys.modules.get("botocore.exceptions"), "ClientError", ())
+        cause = exc.__cause__ if isinstance(exc.__cause__, client_error) else exc
+        if isinstance(cause, client_error):  # s3fs keeps the S3 error code and status here
             error = cause.response.get("Error", {})
             status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
             reason = f"HTTP {status} {error.get('Code', '')}: {error.get('Message', '')}"

@@ -1,0 +1,222 @@
+"""ingest: ``dala_model.ingest.ingest`` from an S3 endpoint (moto on 127.0.0.1) vs decode-only.
+
+The reference is the practical limit of any ingest: decoding the same PNGs (already in memory)
+with the same number of threads and nothing else (no reads, hashing, verification, resizing,
+cache or manifest writes). Each ingest runs in a fresh subprocess (``python -m bench.ingest
+SOURCE ROOT WORKERS``) that reports its own wall time and peak RSS (``VmHWM``), measured at
+two dataset sizes to show that memory stays flat as the dataset grows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bench.harness import Goal, entry, median, rates, repeat
+
+BUCKET = "bench-ingest"
+
+
+@contextlib.contextmanager
+def moto_endpoint() -> Iterator[str]:
+    """moto's standalone S3 server on a free 127.0.0.1 port, with the AWS environment pointing
+    at it (inherited by ingest subprocesses) for the duration."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {key: os.environ.get(key) for key in [*env, "AWS_PROFILE"]}
+    os.environ.update(env)
+    os.environ.pop("AWS_PROFILE", None)
+    try:
+        yield endpoint
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def upload(files: list[Path], base: Path, prefix: str) -> str:
+    """Put ``files`` (relative to ``base``) under ``s3://BUCKET/prefix``; return that URL."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    if not fs.exists(BUCKET):
+        fs.mkdir(BUCKET)
+    remote = [f"{BUCKET}/{prefix}/{path.relative_to(base).as_posix()}" for path in files]
+    fs.put([str(p) for p in files], remote)
+    return f"s3://{BUCKET}/{prefix}"
+
+
+def ingest_in_subprocess(source: str, root: Path, workers: int) -> dict[str, Any]:
+    """Run one ingest in a fresh interpreter; return its timing and memory report."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.ingest", source, str(root), str(workers)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"ingest of {source} failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def decode_only(blobs: list[bytes], workers: int) -> None:
+    def decode(blob: bytes) -> None:
+        with Image.open(io.BytesIO(blob)) as image:
+            image.load()
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(decode, blobs))
+
+
+def run(
+    small: list[Path], large: list[Path], base: Path, work: Path, *, reps: int, workers: int
+) -> list[dict[str, Any]]:
+    """``small`` is a prefix set of ``large`` in ``base``'s layout: small/... and extra/...."""
+    small_bytes = sum(p.stat().st_size for p in small)
+    blobs = [p.read_bytes() for p in small]
+    ref_rates = rates(len(small), repeat(lambda: decode_only(blobs, workers), reps))
+    with moto_endpoint():
+        upload(large, base, "data")
+        small_url = f"s3://{BUCKET}/data/small"
+        large_url = f"s3://{BUCKET}/data"
+        small_runs = [
+            ingest_in_subprocess(small_url, work / f"small-{k}", workers) for k in range(reps)
+        ]
+        large_run = ingest_in_subprocess(large_url, work / "large", workers)
+    for report, expected in [*((r, len(small)) for r in small_runs), (large_run, len(large))]:
+        if report["images"] != expected:
+            raise RuntimeError(
+                f"ingest produced {report['images']} manifest rows, expected {expected}"
+            )
+    ours_rates = [len(small) / r["seconds"] for r in small_runs]
+    ours, reference = median(ours_rates), median(ref_rates)
+    settings = {
+        "images": len(small),
+        "mb": round(small_bytes / 1e6, 1),
+        "workers": workers,
+        "reps": reps,
+        "source": "s3 (moto ThreadedMotoServer on 127.0.0.1) via s3fs",
+        "root": "local folder",
+        "cache_size": 224,
+        "ours": "dala_model.ingest.ingest in a fresh subprocess: list, read, sha256, verify, "
+        "decode, resize, cache shards, manifests",
+        "reference": f"PIL decode (Image.load) of the same PNGs from memory, {workers} threads",
+        "warmup": "none for ours (each rep a fresh process and root); 1 for the reference",
+    }
+    small_peak = median([r["peak_rss_mb"] for r in small_runs])
+    return [
+        entry(
+            "ingest",
+            "images/s",
+            ours,
+            reference,
+            ratio=ours / reference,
+            ratio_means="ours / decode-only limit",
+            goal=Goal("ratio", low=0.8),
+            settings=settings,
+            reps={"ours": ours_rates, "reference": ref_rates},
+            extra={
+                "ours_mb_per_s": median([small_bytes / 1e6 / r["seconds"] for r in small_runs]),
+                "reference_mb_per_s": reference * small_bytes / 1e6 / len(small),
+                "read_decode_images_per_s": median([r["read_images_per_s"] for r in small_runs]),
+                f"images_per_s_at_{len(large)}": len(large) / large_run["seconds"],
+            },
+        ),
+        entry(
+            "ingest-memory",
+            "MB peak RSS",
+            large_run["peak_rss_mb"],
+            small_peak,
+            ratio=large_run["peak_rss_mb"] / small_peak,
+            ratio_means=f"peak RSS ingesting {len(large)} images / ingesting {len(small)}",
+            goal=Goal("ratio", high=1.25),
+            settings={
+                "sizes": [len(small), len(large)],
+                "workers": workers,
+                "measure": "VmHWM (peak RSS) of the ingest subprocess, including the "
+                "interpreter and imports (reported as baseline_rss_mb)",
+            },
+            reps={
+                "ours": [large_run["peak_rss_mb"]],
+                "reference": [r["peak_rss_mb"] for r in small_runs],
+            },
+            extra={
+                "baseline_rss_mb": large_run["baseline_rss_mb"],
+                "growth_mb_small": median(
+                    [r["peak_rss_mb"] - r["baseline_rss_mb"] for r in small_runs]
+                ),
+                "growth_mb_large": large_run["peak_rss_mb"] - large_run["baseline_rss_mb"],
+            },
+        ),
+    ]
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak RSS since exec (Linux ``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries it over from the parent across fork + exec, so a child of a
+    large benchmark process would report the parent's size.
+    """
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
+
+
+def _child(source: str, root: str, workers: int) -> None:
+    import time
+
+    from dala_model.ingest import ingest
+
+    baseline = _peak_rss_mb()
+    started = time.perf_counter()
+    result = ingest(source, root, workers=workers)
+    seconds = time.perf_counter() - started
+    print(
+        json.dumps(
+            {
+                "images": result.images,
+                "seconds": seconds,
+                "read_images_per_s": result.images_per_s,
+                "baseline_rss_mb": baseline,
+                "peak_rss_mb": _peak_rss_mb(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
