@@ -1,0 +1,239 @@
+"""The training engine on real synthetic BreakHis data: it learns, it resumes exactly, it refuses bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydantic import ValidationError
+
+from dala_model import load_model, storage
+from dala_model.config import TrainConfig
+from dala_model.inference import predict_proba
+from dala_model.ingest import ingest
+from dala_model.splits import make_split
+from dala_model.synth import generate
+from dala_model.train import RunConflict, epoch_order, train
+
+SIZE = 64
+MAG = 400
+
+
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory) -> str:
+    """Synthetic BreakHis archive (40 patients) -> manifest + 64px cache + image-level split.
+
+    The learning tests use the ``paper`` split: at 64 px only the coarse class cues (nuclear
+    density, stain darkness) survive, and a few CPU epochs of a from-scratch ResNet50 do not
+    generalise them to unseen patients reliably. These tests check that the engine learns; honest
+    patient-level accuracy needs full-size runs (see bench/ and the README).
+    """
+    base = tmp_path_factory.mktemp("synth")
+    generate(str(base / "source"), patients=40, images_per_patient=4, seed=0, size=(350, 230))
+    root = str(base / "root")
+    ingest(str(base / "source"), root, cache_size=SIZE)
+    make_split(root, "paper", seed=0)
+    return root
+
+
+def quick_config(root: str, **overrides) -> TrainConfig:
+    fields = dict(
+        root=root,
+        magnification=MAG,
+        scheme="paper",
+        image_size=SIZE,
+        epochs=8,
+        batch_size=16,
+        lr=1e-3,
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def learned_run(synth_root):
+    return train(quick_config(synth_root))
+
+
+def test_training_learns_the_class_signal(learned_run, synth_root):
+    test = learned_run.metrics["test"]["image"]
+    assert test["roc_auc"] > 0.8, test
+    assert test["gmean"] > 0.6, test
+    run = Path(learned_run.run_uri)
+    history = pd.read_parquet(run / "history.parquet")
+    assert list(history["epoch"]) == list(range(8))
+    assert {
+        "train_loss",
+        "val_loss",
+        "val_acc",
+        "val_gmean",
+        "lr",
+        "images_per_s",
+        "epoch_seconds",
+    } <= set(history)
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    summary = json.loads((run / "run.json").read_text())
+    assert summary["status"] == "complete" and summary["parameters"] == 25_611_842
+    assert summary["data_version"] and summary["code_version"]
+    assert 0 <= summary["best_epoch"] < 8
+
+
+def test_shuffled_labels_stay_near_chance(synth_root, tmp_path):
+    """Same data and recipe, labels permuted across images: nothing real to learn, AUC stays near 0.5.
+
+    Each image becomes its own "patient" so the permuted labels stay consistent per patient (the
+    metrics refuse a patient with two diagnoses) and no patient identity can carry a label.
+    """
+    root = tmp_path / "shuffled"
+    shutil.copytree(synth_root, root, ignore=shutil.ignore_patterns("runs"))
+    manifest_path = root / "manifests" / "manifest.parquet"
+    table = pq.read_table(manifest_path)
+    labels = np.random.default_rng(1).permutation(table.column("label_id").to_numpy())
+    replacements = {"label_id": labels, "patient_id": table.column("image_id")}
+    for name, values in replacements.items():
+        index = table.schema.get_field_index(name)
+        table = table.set_column(
+            index, table.schema.field(name), pa.array(values, table.schema.field(name).type)
+        )
+    pq.write_table(table, manifest_path)
+    result = train(quick_config(str(root)))
+    assert abs(result.metrics["test"]["image"]["roc_auc"] - 0.5) < 0.25
+
+
+def test_best_model_round_trip_reproduces_test_predictions(learned_run):
+    model = load_model(learned_run.best_model_uri)
+    predictions = pd.read_parquet(Path(learned_run.run_uri) / "test_predictions.parquet")
+    from dala_model.cache import load_images
+
+    images = load_images(
+        str(Path(learned_run.run_uri).parents[1]), predictions["image_id"].tolist(), SIZE
+    )
+    prob = predict_proba(model, images, preset="paper", device=torch.device("cpu"))
+    np.testing.assert_allclose(prob, predictions["prob_malignant"], atol=1e-5)
+    assert set(predictions.columns) >= {
+        "image_id",
+        "patient_id",
+        "y_true",
+        "prob_malignant",
+        "y_pred",
+    }
+
+
+def test_completed_run_is_skipped_and_conflicting_run_refused(learned_run, synth_root):
+    again = train(quick_config(synth_root))
+    assert again.status == "skipped" and again.best_epoch == learned_run.best_epoch
+    with pytest.raises(RunConflict, match="lr"):
+        train(quick_config(synth_root, lr=5e-4, run_id=learned_run.run_id))
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(synth_root):
+    """SIGKILL a training subprocess after its first checkpoint; the resumed run matches a clean one."""
+    cfg = dict(epochs=3)
+    args = [
+        sys.executable,
+        "-m",
+        "dala_model.cli",
+        "train",
+        synth_root,
+        "--magnification",
+        str(MAG),
+        "--scheme",
+        "paper",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--image-size",
+        str(SIZE),
+        "--run-id",
+        "killed",
+    ]
+    history = Path(synth_root) / "runs" / "killed" / "history.parquet"
+    checkpoint = history.with_name("checkpoint.pt")
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoint.exists(), "the subprocess never checkpointed its first epoch"
+    assert len(pd.read_parquet(history)) < 3, "killed too late to test resume"
+
+    resumed = train(quick_config(synth_root, run_id="killed", resume=True, **cfg))
+    clean = train(quick_config(synth_root, run_id="clean", **cfg))
+    a = pd.read_parquet(history)
+    b = pd.read_parquet(Path(synth_root) / "runs" / "clean" / "history.parquet")
+    np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+    np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-4)
+    assert resumed.best_epoch == clean.best_epoch
+    wa = load_model(resumed.best_model_uri).state_dict()
+    wb = load_model(clean.best_model_uri).state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=1e-4, atol=1e-5)
+
+
+def test_unfinished_run_needs_resume(synth_root):
+    root = Path(synth_root)
+    folder = root / "runs" / "unfinished"
+    folder.mkdir(parents=True)
+    config = quick_config(synth_root, run_id="unfinished", epochs=1)
+    storage.write_bytes_atomic(
+        str(folder / "config.json"), json.dumps({"config": config.model_dump(mode="json")}).encode()
+    )
+    (folder / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(RunConflict, match="resume"):
+        train(config)
+
+
+def test_epoch_order_is_a_pure_function_of_seed_and_epoch():
+    labels = np.array([0] * 10 + [1] * 30)
+    first = epoch_order(labels, seed=3, epoch=2, imbalance="none")
+    assert np.array_equal(first, epoch_order(labels, seed=3, epoch=2, imbalance="none"))
+    assert not np.array_equal(first, epoch_order(labels, seed=3, epoch=3, imbalance="none"))
+    assert sorted(first) == list(range(40))
+    balanced = epoch_order(labels, seed=3, epoch=2, imbalance="oversample")
+    assert np.bincount(labels[balanced]).tolist() == [30, 30]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"magnification": 50}, "magnification"),
+        ({"model": "resnet51"}, "model"),
+        ({"epochs": 0}, "epochs"),
+        ({"scheme": "patient-kfold"}, "fold"),
+        ({"device": "gpu0"}, "device"),
+        ({"run_id": "../escape"}, "run_id"),
+    ],
+)
+def test_bad_parameters_are_rejected_by_name(overrides, field):
+    with pytest.raises(ValidationError, match=field):
+        TrainConfig(**{"root": "/tmp/x", "magnification": 40, **overrides})
+
+
+def test_cli_reports_bad_parameter_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dala_model.cli", "train", str(tmp_path), "--magnification", "50"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "--magnification" in proc.stderr and "Traceback" not in proc.stderr
