@@ -506,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
         help="run the 50-epoch protocol with torch.compile (default: eager)",
     )
     parser.add_argument("--workdir", default=None, help="keep the generated data here")
+    parser.add_argument(
+        "--phases",
+        type=lambda text: set(text.split(",")),
+        default={"train", "infer", "protocol"},
+        help="comma-separated subset of train,infer,protocol (default: all)",
+    )
     args = parser.parse_args(argv)
     profile = SMOKE if args.smoke else FULL
     if profile.device == "cuda" and not torch.cuda.is_available():
@@ -522,14 +528,17 @@ def main(argv: list[str] | None = None) -> int:
         root, data = prepare_data(run, work)
         # The goals' numbers first (eager, then the protocol); compiled variants only while the
         # time budget allows, since a cold torch.compile of ResNet50 takes a minute or more.
-        for phase in (training_phase, inference_phase):
-            phase(run, data, compiled=False)
-            summarise(run)
-        protocol_phase(run, root, data, args.protocol_compile)
-        if run.profile.compile:
-            for phase in (training_phase, inference_phase):
-                phase(run, data, compiled=True)
+        for name, phase in (("train", training_phase), ("infer", inference_phase)):
+            if name in args.phases:
+                phase(run, data, compiled=False)
                 summarise(run)
+        if "protocol" in args.phases:
+            protocol_phase(run, root, data, args.protocol_compile)
+        if run.profile.compile:
+            for name, phase in (("train", training_phase), ("infer", inference_phase)):
+                if name in args.phases:
+                    phase(run, data, compiled=True)
+                    summarise(run)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

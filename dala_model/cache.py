@@ -161,16 +161,20 @@ def build_cache(root: str, size: int = 224, workers: int | None = None) -> int:
         image_id, uri, sha = row
         return image_id, decode_verified(uri, sha, size)
 
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        for image_id, array in tqdm(
-            bounded_map(pool, decode, rows, window=4 * (workers or default_workers())),
-            total=len(rows),
-            desc=f"cache {size}",
-            unit="img",
-            disable=None,
-        ):
-            writer.add(image_id, array)
-    return writer.close()
+    # On an error (a file changed since ingest) what was decoded so far is still committed.
+    try:
+        with ThreadPoolExecutor(workers or default_workers()) as pool:
+            for image_id, array in tqdm(
+                bounded_map(pool, decode, rows, window=4 * (workers or default_workers())),
+                total=len(rows),
+                desc=f"cache {size}",
+                unit="img",
+                disable=None,
+            ):
+                writer.add(image_id, array)
+    finally:
+        added = writer.close()
+    return added
 
 
 def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator:

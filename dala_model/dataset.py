@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dala_model import cache
-from dala_model.manifest import read_manifest
+from dala_model import cache, storage
+from dala_model.manifest import data_version, read_manifest
 from dala_model.splits import read_split
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,12 @@ def split_frames(
     """Manifest rows of each split for one magnification (and fold), in a stable order."""
     manifest = read_manifest(root)
     split = read_split(root, scheme)
+    made_from = split.attrs.get("dala.manifest_version")
+    if made_from is not None and made_from != data_version(manifest):
+        raise ValueError(
+            f"the {scheme!r} split was made from another manifest (data version {made_from}, now "
+            f"{data_version(manifest)}): run `dala split {storage.redact(root)} --scheme {scheme}` again"
+        )
     split = split[split["magnification"] == magnification]
     if fold is not None:
         if "fold" not in split.columns:

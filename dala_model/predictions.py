@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import torch
 
 from dala_model import cache, storage
 from dala_model.checkpoint import load_model, read_model_config
@@ -181,7 +182,10 @@ def _score(
             f"{storage.redact(checkpoint)} no longer holds model_version {result.model_version[:12]}: "
             "the run folder was overwritten; promote the run again (`dala promote`)"
         )
+    channels_last = target.type == "cuda"  # NHWC weights and inputs: the fast cuDNN kernels
     net = load_model(checkpoint, map_location=target)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     cached = set(cache.read_index(root, size)["image_id"])
     base = predictions_uri(root, result.model, result.model_version, result.magnification)
     for start in range(0, len(pending), chunk_size):
@@ -195,7 +199,7 @@ def _score(
             device=target,
             dtype=dtype,
             batch_size=batch_size,
-            channels_last=target.type == "cuda",
+            channels_last=channels_last,
         )
         frame = pd.DataFrame(
             {

@@ -104,18 +104,23 @@ def _train(
             "run.json",
         )
     }
-    recorded = _recorded_config(paths["config.json"])
+    summary = completed_summary(config)
+    if summary is not None:
+        log.info("run %s is already complete; skipping", config.resolved_run_id)
+        return _result(summary, folder, paths["best"], status="skipped")
+    recorded = _recorded(paths["config.json"])
+    data_version = manifest_version(config.root)
     if recorded is not None:
-        _check_same_run(recorded, config, folder)
-        if storage.exists(paths["run.json"]):
-            summary = json.loads(storage.read_bytes(paths["run.json"]))
-            if summary.get("status") == "complete":
-                log.info("run %s is already complete; skipping", config.resolved_run_id)
-                return _result(summary, folder, paths["best"], status="skipped")
         if not config.resume and storage.exists(paths["checkpoint.pt"]):
             raise RunConflict(
-                f"run folder {folder} holds an unfinished run; pass resume=True (--resume) to continue it "
-                "or choose another run_id/seed"
+                f"run folder {storage.redact(folder)} holds an unfinished run; pass resume=True "
+                "(--resume) to continue it or choose another run_id/seed"
+            )
+        if recorded.get("data_version", data_version) != data_version:
+            raise RunConflict(
+                f"run folder {storage.redact(folder)} was started on data version "
+                f"{recorded['data_version']}, but the manifest is now {data_version}: resuming would "
+                "mix two datasets; choose another run_id or seed"
             )
     distributed.check_batch_size(config.batch_size, job)
     distributed.barrier(job)  # every rank has checked the folder before rank 0 writes to it
@@ -133,7 +138,6 @@ def _train(
         config.image_size,
         config.use_cache,
     )
-    data_version = manifest_version(config.root)
     if recorded is None and job.is_main:
         storage.write_bytes_atomic(
             paths["config.json"],
@@ -269,18 +273,22 @@ def _train_epoch(
     generator = torch.Generator(device=device).manual_seed(augment_seed)
     losses = torch.zeros(len(batches), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
-    for b, idx in enumerate(
+    # The epoch's indices go to the pixels' device in one copy: a copy per step from pageable
+    # memory would make the host wait for the GPU every step, so it could never queue ahead.
+    sizes = [len(batch) for batch in batches]
+    indices = torch.from_numpy(np.concatenate(batches)).to(train_x.device).split(sizes)
+    label_indices = indices if train_y.device == train_x.device else [i.to(device) for i in indices]
+    for b, (index, label_index) in enumerate(
         tqdm(
-            batches,
+            zip(indices, label_indices, strict=True),
+            total=len(sizes),
             desc=f"epoch {epoch + 1}",
             leave=False,
             disable=not (sys.stderr.isatty() and job.is_main),
         )
     ):
-        index = torch.from_numpy(idx).to(train_x.device)
         xb = train_x.index_select(0, index).to(device, non_blocking=True)
-        yb = train_y.index_select(0, index.to(device))
+        yb = train_y.index_select(0, label_index)
         x = augment(
             normalize_batch(xb, config.preset, channels_last=config.channels_last),
             generator=generator,
@@ -293,7 +301,7 @@ def _train_epoch(
         optimizer.step()
         losses[b] = loss.detach()
         correct += (logits.argmax(dim=1) == yb).sum()
-        seen += len(idx)
+    seen = sum(sizes)
     synchronize(device)
     if job.size > 1:  # epoch totals over all ranks, so every rank logs and checks the same numbers
         losses = distributed.sum_over_ranks(losses, job) / job.size
@@ -523,8 +531,27 @@ def _card(config: TrainConfig, data_version: str, epoch: int, val: dict) -> dict
     }
 
 
-def _recorded_config(uri: str) -> dict | None:
-    return json.loads(storage.read_bytes(uri))["config"] if storage.exists(uri) else None
+def completed_summary(config: TrainConfig) -> dict | None:
+    """``run.json`` of ``config``'s run if that run already completed, else None.
+
+    Raises :class:`RunConflict` when the run folder holds a run made with another config (say a
+    2-epoch run under the same name as a 50-epoch one), so no caller mistakes its results for
+    this config's. Reruns of a flow call this to skip finished trainings.
+    """
+    folder = run_uri(config)
+    recorded = _recorded(storage.join(folder, "config.json"))
+    if recorded is None:
+        return None
+    _check_same_run(recorded["config"], config, folder)
+    summary_uri = storage.join(folder, "run.json")
+    if not storage.exists(summary_uri):
+        return None
+    summary = json.loads(storage.read_bytes(summary_uri))
+    return summary if summary.get("status") == "complete" else None
+
+
+def _recorded(uri: str) -> dict | None:
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
 def _check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
@@ -533,7 +560,8 @@ def _check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
     changed = sorted(k for k in ours if k not in ignore and recorded.get(k) != ours[k])
     if changed:
         raise RunConflict(
-            f"run folder {folder} was started with a different config ({', '.join(changed)} differ); "
+            f"run folder {storage.redact(folder)} was started with a different config "
+            f"({', '.join(changed)} differ); "
             "choose another run_id or seed"
         )
 

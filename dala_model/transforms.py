@@ -18,6 +18,7 @@ frame (larger angles cut ~20% of a square image away at 45 degrees).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,15 @@ def train_transform(
     )
 
 
+@functools.lru_cache(maxsize=16)
+def _affine(preset: Preset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel scale and shift of ``preset`` on ``device``, made once: building them per batch
+    would cost two blocking host-to-device copies in every training and inference step."""
+    std = torch.tensor(preset.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(preset.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return 1.0 / (255.0 * std), mean / std
+
+
 def normalize_batch(
     x: torch.Tensor, preset: str | Preset = "paper", channels_last: bool = False
 ) -> torch.Tensor:
@@ -114,11 +124,7 @@ def normalize_batch(
             f"normalize_batch needs 3 colour channels in dim 1 (NCHW) or dim 3 (NHWC), "
             f"got shape {tuple(x.shape)}"
         )
-    p = get_preset(preset)
-    std = torch.tensor(p.std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    mean = torch.tensor(p.mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = mean / std
+    scale, shift = _affine(get_preset(preset), x.device)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     out = nchw.to(dtype=torch.float32, memory_format=fmt)
     return out.mul_(scale).sub_(shift)

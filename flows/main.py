@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from dala_model import storage, synth
+from dala_model import registry, storage, synth
 from dala_model.predictions import predictions_uri
 
 
@@ -59,10 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         help="BreakHis images to ingest (folder or s3://bucket/prefix); "
-        "default: synthetic images generated into ./data/synthetic",
+        "default: synthetic images generated into ./data/<profile>/synthetic",
     )
     parser.add_argument(
-        "--root", default="data/root", help="storage root for every output (default ./data/root)"
+        "--root", help="storage root for every output (default ./data/<profile>/root)"
     )
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument(
@@ -79,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     profile = PROFILES[args.profile]
-    source = args.data or _synthetic_source(profile)
-    root = args.root if "://" in args.root else str(Path(args.root).resolve())
+    # One folder per profile: a quick run's 2-epoch models must never stand in for the paper's.
+    home = Path("data") / args.profile
+    source = args.data or _synthetic_source(profile, home / "synthetic")
+    root = args.root or str(home / "root")
+    root = root if "://" in root else str(Path(root).resolve())
     with local_api():
         return _run(train_flow, inference_flow, root, source, profile, args.max_parallel)
 
@@ -100,6 +103,9 @@ def _run(
     )
     if not state.is_completed():
         print(f"train-breakhis ended {state.name}: {state.message}", file=sys.stderr)
+    if not registry.list_current(root):
+        print("no model was promoted, so there is nothing to score", file=sys.stderr)
+        return 1
     scored = inference_flow(root=root)  # every magnification with a current model
     print(f"\nreport:      {storage.redact(storage.join(root, 'reports', 'report.html'))}")
     print(f"predictions: {storage.redact(predictions_uri(root, 'dalaresnet50'))}")
@@ -137,9 +143,9 @@ def local_api() -> Iterator[None]:
         server.stop()
 
 
-def _synthetic_source(profile: Profile) -> str:
-    """Synthetic BreakHis-format PNGs in ./data/synthetic, generated once and then reused."""
-    out = Path("data/synthetic").resolve()
+def _synthetic_source(profile: Profile, folder: Path) -> str:
+    """Synthetic BreakHis-format PNGs in ``folder``, generated once and then reused."""
+    out = folder.resolve()
     if out.exists() and any(out.rglob("*.png")):
         print(f"reusing synthetic data in {out}")
         return str(out)

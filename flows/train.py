@@ -10,7 +10,6 @@ Running the flow again skips complete runs and resumes unfinished ones.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -27,9 +26,9 @@ from pydantic import BaseModel, Field
 
 from dala_model import cache, registry, splits, storage
 from dala_model.config import MAGNIFICATIONS, TrainConfig
-from dala_model.manifest import read_manifest
+from dala_model.manifest import manifest_version, read_manifest
 from dala_model.paper import PAPER_RESULTS, paper_name
-from dala_model.train import run_uri, train
+from dala_model.train import completed_summary, run_uri, train
 from flows.ingest import IO_RETRIES, ingest_flow
 from flows.report import publish_report, report_task
 from flows.slots import SlotPlan, claim_slot, pin_process, plan_slots
@@ -55,9 +54,16 @@ class TrainOutcome(BaseModel):
 
 @task(name="ensure-split", **IO_RETRIES)
 def ensure_split(root: str, scheme: str, seed: int) -> str:
-    """Reuse the stored split so reruns train on the same images; make it only when missing."""
+    """Reuse the stored split when it was made with this seed from the current manifest, so reruns
+    train on the same images; otherwise (missing, other seed, new images) make it afresh."""
     uri = splits.split_uri(root, scheme)
-    return uri if storage.exists(uri) else splits.make_split(root, scheme, seed=seed)
+    if storage.exists(uri):
+        made = splits.read_split(root, scheme).attrs
+        if made.get("dala.seed") == str(seed) and made.get(
+            "dala.manifest_version"
+        ) == manifest_version(root):
+            return uri
+    return splits.make_split(root, scheme, seed=seed)
 
 
 @task(name="ensure-cache", **IO_RETRIES)
@@ -70,11 +76,8 @@ def ensure_cache(root: str, size: int) -> int:
 @task(name="finished-run", task_run_name="finished-{config.magnification}x", **IO_RETRIES)
 def finished_run(config: TrainConfig) -> TrainOutcome | None:
     """The outcome of an already complete run, so reruns skip it without starting a training process."""
-    uri = storage.join(run_uri(config), "run.json")
-    if not storage.exists(uri):
-        return None
-    summary = json.loads(storage.read_bytes(uri))
-    if summary.get("status") != "complete":
+    summary = completed_summary(config)  # RunConflict if the folder holds another config's run
+    if summary is None:
         return None
     return _outcome(
         config,

@@ -21,6 +21,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "infra" / "kubernetes" / "base-job-template.json"
+K8S_PREFECT_FILE = REPO / "infra" / "kubernetes" / "prefect.yaml"
 COMPOSE = REPO / "infra" / "compose" / "compose.yaml"
 SCALING = REPO / "docs" / "SCALING.md"
 KUBERNETES_VERSION = "1.30.0"
@@ -85,14 +86,15 @@ def test_compose_parses_and_uses_only_documented_images_and_variables():
             assert "${" in str(value) or not re.search(r"(?i)password|secret", str(value))
 
 
-def test_kubernetes_deployments_sit_beside_the_process_ones():
-    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    pools = {}
-    for deployment in deployments:
-        pools.setdefault(deployment["entrypoint"], set()).add(deployment["work_pool"]["name"])
-    assert all(names == {"dala-process", "dala-gpu"} for names in pools.values()), pools
+def test_kubernetes_deployments_mirror_the_process_ones():
+    """Every flow deployed on the process pool has a Kubernetes twin, with known job variables."""
+    process = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    kubernetes = yaml.safe_load(K8S_PREFECT_FILE.read_text())["deployments"]
+    assert {d["work_pool"]["name"] for d in process} == {"dala-process"}
+    assert {d["work_pool"]["name"] for d in kubernetes} == {"dala-gpu"}
+    assert sorted(d["entrypoint"] for d in process) == sorted(d["entrypoint"] for d in kubernetes)
     variables = json.loads(TEMPLATE.read_text())["variables"]["properties"]
-    for deployment in deployments:
+    for deployment in kubernetes:
         for name in deployment["work_pool"].get("job_variables", {}):
             assert name in variables, f"{deployment['name']}: unknown job variable {name}"
 
@@ -165,7 +167,7 @@ def _prefect(env: dict, *args: str) -> None:
 
 
 @pytest.mark.slow
-def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server, monkeypatch):
+def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server):
     _prefect(
         prefect_server,
         "work-pool",
@@ -176,9 +178,8 @@ def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server,
         "--base-job-template",
         str(TEMPLATE),
     )
-    for name in ("PREFECT_HOME", "PREFECT_API_URL"):
-        monkeypatch.setenv(name, prefect_server[name])
-    manifest = asyncio.run(_render_job(gpu_count=2))
+    with _api(prefect_server):
+        manifest = asyncio.run(_render_job(gpu_count=2))
     container = manifest["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
     assert container["resources"]["requests"]["nvidia.com/gpu"] == 2
@@ -203,6 +204,14 @@ def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server,
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
 
 
+def _api(server_env: dict):
+    """Point this process's Prefect client at the test server. Environment variables alone do not
+    reach settings that an earlier test (prefect_test_harness) already loaded in this process."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    return temporary_settings(updates={PREFECT_API_URL: server_env["PREFECT_API_URL"]})
+
+
 async def _render_job(gpu_count: int) -> dict:
     """The Job manifest the worker would submit for a flow run of a deployment on the pool."""
     from prefect.client.orchestration import get_client
@@ -222,8 +231,8 @@ async def _render_job(gpu_count: int) -> dict:
 
 
 @pytest.mark.slow
-def test_every_deployment_registers_against_its_pool(prefect_server, monkeypatch):
-    """`prefect deploy --all` as an operator runs it, against both pools of a real server."""
+def test_every_deployment_registers_against_its_pool(prefect_server):
+    """Both prefect files deployed as an operator runs them, against both pools of a real server."""
     _prefect(prefect_server, "work-pool", "create", "dala-process", "--type", "process")
     _prefect(
         prefect_server,
@@ -242,17 +251,16 @@ def test_every_deployment_registers_against_its_pool(prefect_server, monkeypatch
         "DALA_IMAGE": "registry.example/dala:gpu",
     }
     _prefect(env, "--no-prompt", "deploy", "--all")
-    for name in ("PREFECT_HOME", "PREFECT_API_URL"):
-        monkeypatch.setenv(name, prefect_server[name])
-    deployments = asyncio.run(_read_deployments())
+    _prefect(env, "--no-prompt", "deploy", "--all", "--prefect-file", str(K8S_PREFECT_FILE))
+    with _api(prefect_server):
+        deployments = asyncio.run(_read_deployments())
     train = deployments["train-breakhis/breakhis-k8s"]
     assert train.work_pool_name == "dala-gpu"
     assert train.job_variables == {"image": "registry.example/dala:gpu", "gpu_count": 4}
     assert deployments["ingest-breakhis/breakhis-k8s"].job_variables["gpu_count"] == 0
     assert deployments["train-breakhis/breakhis"].work_pool_name == "dala-process"
-    assert len(deployments) == len(
-        yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    )
+    files = (REPO / "prefect.yaml", K8S_PREFECT_FILE)
+    assert len(deployments) == sum(len(yaml.safe_load(f.read_text())["deployments"]) for f in files)
 
 
 async def _read_deployments() -> dict:

@@ -33,6 +33,12 @@ def promote(args: argparse.Namespace) -> int:
         )
     if args.run_id:
         run = storage.join(args.root, "runs", args.run_id)
+        summary = json.loads(storage.read_bytes(storage.join(run, "run.json")))
+        if (summary.get("model"), summary.get("magnification")) != (args.model, args.magnification):
+            raise UsageError(
+                f"run {args.run_id} is {summary.get('model')} at {summary.get('magnification')}X, "
+                f"not --model {args.model} --magnification {args.magnification}"
+            )
         result = registry.promote(
             args.root, run, force=True, reason="pinned by operator (dala promote --run)"
         )

@@ -1,4 +1,4 @@
-"""`dala train`: one model x one magnification, every TrainConfig field as a flag."""
+"""`dala train`: one model x one magnification; the TrainConfig fields people change, as flags."""
 
 from __future__ import annotations
 
