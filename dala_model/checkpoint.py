@@ -27,6 +27,7 @@ from torch import nn
 
 import dala_model
 from dala_model import storage
+from dala_model.breakhis import LABELS
 from dala_model.models import build_model, get_model_spec
 from dala_model.transforms import get_preset
 
@@ -34,7 +35,6 @@ FORMAT = "dala-model"
 FORMAT_VERSION = 1
 WEIGHTS_PREFIX, WEIGHTS_SUFFIX = "model-", ".safetensors"
 CONFIG_FILE = "config.json"
-BINARY_CLASS_NAMES = ("benign", "malignant")
 _REQUIRED = ("model", "num_classes", "options", "preset", "weights_file", "weights_sha256")
 
 
@@ -83,7 +83,7 @@ def save_model(
         "model": build["name"],
         "num_classes": num_classes,
         "options": build["options"],
-        "class_names": list(BINARY_CLASS_NAMES)
+        "class_names": list(LABELS)
         if num_classes == 2
         else [f"class_{i}" for i in range(num_classes)],
         "preset": norm.name,

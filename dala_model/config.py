@@ -12,8 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MAGNIFICATIONS = (40, 100, 200, 400)
-SCHEMES = ("paper", "patient", "patient-kfold")
+from dala_model.breakhis import MAGNIFICATIONS
 
 
 class TrainConfig(BaseModel):

@@ -47,7 +47,6 @@ from sklearn.metrics import (
 )
 
 LABELS = (0, 1)
-CLASS_NAMES = ("benign", "malignant")
 IBA_ALPHA = 0.1
 # Metrics bootstrap_ci can resample: the ones that are functions of the confusion counts.
 BOOTSTRAP_METRICS = (

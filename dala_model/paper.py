@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dala_model.breakhis import MAGNIFICATIONS
+
 PAPER_CITATION = (
     "Liu, Achuthan et al., Dual-Activated Lightweight Attention ResNet50 for Automatic "
     "Histopathology Breast Cancer Image Classification, IEEE Access, 2024"
 )
-MAGNIFICATIONS = (40, 100, 200, 400)
 # The paper's protocol: image-level shuffled 60/10/30 split, 50 epochs on one RTX A4000.
 PAPER_EPOCHS = 50
 PAPER_HARDWARE = "NVIDIA RTX A4000 (16 GB)"

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dala_model import storage
-from dala_model.checkpoint import read_model_config
 
 # TrainConfig.monitor -> (key in run.json's metrics.val, sign that makes larger better)
 _MONITOR_KEYS = {
@@ -79,6 +78,8 @@ def promotions(root: str, model: str, magnification: int) -> list[dict]:
 
 def model_version(best_uri: str) -> str:
     """sha256 of the checkpoint's weights (recorded in its config, verified by ``load_model``)."""
+    from dala_model.checkpoint import read_model_config  # torch: only when a model is involved
+
     return read_model_config(best_uri)["weights_sha256"]
 
 

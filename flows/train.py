@@ -28,7 +28,7 @@ from dala_model import cache, registry, splits, storage
 from dala_model.config import MAGNIFICATIONS, TrainConfig
 from dala_model.manifest import manifest_version, read_manifest
 from dala_model.paper import PAPER_RESULTS, paper_name
-from dala_model.train import completed_summary, run_uri, train
+from dala_model.train import RunConflict, completed_summary, run_uri, train
 from flows.ingest import IO_RETRIES, ingest_flow
 from flows.report import publish_report, report_task
 from flows.slots import SlotPlan, claim_slot, pin_process, plan_slots
@@ -76,7 +76,10 @@ def ensure_cache(root: str, size: int) -> int:
 @task(name="finished-run", task_run_name="finished-{config.magnification}x", **IO_RETRIES)
 def finished_run(config: TrainConfig) -> TrainOutcome | None:
     """The outcome of an already complete run, so reruns skip it without starting a training process."""
-    summary = completed_summary(config)  # RunConflict if the folder holds another config's run
+    try:
+        summary = completed_summary(config)
+    except RunConflict:
+        return None  # another config's run: its training task fails alone; the others go on
     if summary is None:
         return None
     return _outcome(
