@@ -109,7 +109,10 @@ def start(job: World, device: torch.device) -> bool:
 
 
 def stop(started: bool) -> None:
+    """Leave the process group together: a rank that tears gloo down while another is still
+    sending aborts that one ("terminate called without an active exception")."""
     if started and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
