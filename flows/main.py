@@ -122,6 +122,7 @@ def local_api() -> Iterator[None]:
     would each start their own. Starting it once here and exporting its URL (which the process
     pool passes on) gives one server, one database and one UI for the whole run.
     """
+    from prefect.logging.handlers import APILogWorker
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -140,6 +141,7 @@ def local_api() -> Iterator[None]:
             )
             yield
     finally:
+        APILogWorker.drain_all(timeout=5)  # send the last run logs while the server is still up
         server.stop()
 
 
