@@ -108,7 +108,7 @@ def ingest(
 ) -> IngestResult:
     """Ingest every image under ``source`` into ``root`` (see the module docstring)."""
     started = time.perf_counter()
-    source = source if "://" in source else os.path.abspath(source)
+    source = canonical_source(source)
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     if cache_size is not None and cache_size < 0:
@@ -308,6 +308,17 @@ def _deduplicate(rows: list[dict[str, Any]]) -> tuple[pd.DataFrame, pd.DataFrame
         }
     )
     return frame[~repeated].reset_index(drop=True), duplicates.reset_index(drop=True)
+
+
+def canonical_source(source: str) -> str:
+    """The form a source is recorded in: URLs as given, local paths absolute."""
+    return source if "://" in source else os.path.abspath(source)
+
+
+def manifest_source(root: str) -> str | None:
+    """The (redacted) source recorded in ``ROOT``'s manifest, or None when there is no manifest."""
+    uri = manifest_uri(root)
+    return storage.read_parquet(uri).attrs.get("dala.source") if storage.exists(uri) else None
 
 
 def _previous_rows(root: str, source: str) -> dict[str, dict[str, Any]]:

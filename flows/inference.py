@@ -16,6 +16,7 @@ from pydantic import Field
 
 from dala_model import predictions, registry, storage
 from dala_model.config import MAGNIFICATIONS
+from dala_model.ingest import canonical_source, manifest_source
 from flows.ingest import IO_RETRIES, ingest_flow
 
 
@@ -60,6 +61,13 @@ def inference_flow(
     """Score unscored images per magnification with the registry's current model; write Parquet."""
     logger = get_run_logger()
     if source is not None:
+        recorded = manifest_source(root)
+        if recorded not in (None, storage.redact(canonical_source(source))):
+            raise ValueError(
+                f"source {storage.redact(source)} is not the source of {storage.redact(root)}'s manifest "
+                f"({recorded}): ingesting it would replace the training manifest; score images from "
+                "another source under their own root"
+            )
         ingest_flow(source=source, root=root)
     serving = {r["magnification"]: r for r in registry.list_current(root) if r["model"] == model}
     wanted = magnifications or sorted(serving)

@@ -61,6 +61,11 @@ def pipeline(tmp_path_factory) -> dict:
         first_scoring = inference_flow(root=root, return_state=True)
         rows_after_first = len(read_predictions(root, "dalaresnet50", dedupe=False))
         second_scoring = inference_flow(root=root, return_state=True)
+        manifest_before = storage.read_bytes(f"{root}/manifests/manifest.parquet")
+        foreign_source = inference_flow(
+            root=root, source=str(base / "elsewhere"), return_state=True
+        )
+        manifest_after = storage.read_bytes(f"{root}/manifests/manifest.parquet")
         report = report_flow(root=root, return_state=True)
         artifacts = {
             key: Artifact.get(key)
@@ -81,6 +86,8 @@ def pipeline(tmp_path_factory) -> dict:
             "first_scoring": first_scoring,
             "second_scoring": second_scoring,
             "rows_after_first": rows_after_first,
+            "foreign_source": foreign_source,
+            "manifest_unchanged": manifest_before == manifest_after,
             "report": report,
             "artifacts": artifacts,
         }
@@ -142,6 +149,12 @@ def test_batch_inference_is_incremental(pipeline):
             == registry.current(root, "dalaresnet50", r["magnification"])["model_version"]
         )
     assert storage.exists(predictions_uri(root, "dalaresnet50"))
+
+
+def test_batch_inference_refuses_a_source_that_would_replace_the_manifest(pipeline):
+    state = pipeline["foreign_source"]
+    assert state.is_failed() and "would replace the training manifest" in state.message
+    assert pipeline["manifest_unchanged"]
 
 
 def test_artifacts_and_report(pipeline):
