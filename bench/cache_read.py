@@ -45,8 +45,6 @@ def run(
         "images/s",
         median(ours_rates),
         median(ref_rates),
-        ratio=median(ours_rates) / median(ref_rates),
-        ratio_means="ours / reference (speed-up)",
         goal=Goal("ratio", low=20),
         settings={
             "images": n,

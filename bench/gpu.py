@@ -391,8 +391,6 @@ def summarise(run: Run) -> None:
                     "images/s",
                     ours,
                     reference["images_per_s"],
-                    ratio=ours / reference["images_per_s"],
-                    ratio_means="ours / reference (speed-up)",
                     goal=target,
                     settings={
                         "model": MODEL,

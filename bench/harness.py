@@ -83,14 +83,20 @@ def entry(
     ours: float,
     reference: float | None,
     *,
-    ratio: float | None,
-    ratio_means: str,
+    ratio: float | None = None,
+    ratio_means: str = "ours / reference (speed-up)",
     goal: Goal | None,
     settings: dict[str, Any],
     reps: dict[str, list[float]],
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One benchmark's result in the shared shape; ``met`` is None when there is no goal."""
+    """One benchmark's result in the shared shape; ``met`` is None when there is no goal.
+
+    ``ratio`` defaults to the speed-up ``ours / reference``; pass it (and ``ratio_means``) for
+    any other comparison.
+    """
+    if ratio is None and reference:
+        ratio = ours / reference
     checked = {"ours": ours, "ratio": ratio}[goal.on] if goal else None
     return {
         "name": name,

@@ -106,8 +106,6 @@ def run(
         "images/s",
         ours,
         reference,
-        ratio=ours / reference,
-        ratio_means="ours / reference (speed-up)",
         goal=Goal("ratio", low=3),
         settings={
             "model": MODEL,

@@ -154,8 +154,6 @@ def run(
         "images/s",
         ours,
         reference,
-        ratio=ours / reference,
-        ratio_means="ours / reference (speed-up)",
         goal=Goal("ratio", low=2),
         settings={
             "model": MODEL,

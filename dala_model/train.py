@@ -360,15 +360,18 @@ def recalibrate_batchnorm(
     model.train(was_training)
 
 
-def _validate(config, model, split: SplitImages, criterion, device, dtype) -> dict:
-    logits = predict_logits(
-        model,
-        split.images,
-        preset=config.preset,
-        device=device,
-        dtype=dtype,
+def _logits(
+    config: TrainConfig, model: nn.Module, split: SplitImages, device, dtype
+) -> torch.Tensor:
+    """Scores of a split with the run's preset, precision and memory format (val and test alike)."""
+    return predict_logits(
+        model, split.images, preset=config.preset, device=device, dtype=dtype,
         channels_last=config.channels_last,
-    )
+    )  # fmt: skip
+
+
+def _validate(config, model, split: SplitImages, criterion, device, dtype) -> dict:
+    logits = _logits(config, model, split, device, dtype)
     y_true = split.labels
     loss = float(criterion(logits.to(device), torch.from_numpy(y_true).to(device)))
     y_pred = logits.argmax(dim=1).numpy()
@@ -393,14 +396,7 @@ def _finish(config, paths, folder, state, device, dtype, data) -> TrainResult:
     if config.channels_last:
         best = best.to(memory_format=torch.channels_last)
     test = data["test"]
-    logits = predict_logits(
-        best,
-        test.images,
-        preset=config.preset,
-        device=device,
-        dtype=dtype,
-        channels_last=config.channels_last,
-    )
+    logits = _logits(config, best, test, device, dtype)
     prob = torch.softmax(logits, dim=1)[:, 1].numpy()
     predictions = test.frame[["image_id", "patient_id", "magnification"]].assign(
         y_true=test.labels, prob_malignant=prob, y_pred=(prob >= 0.5).astype(np.int64)
