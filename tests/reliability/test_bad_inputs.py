@@ -47,7 +47,9 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width x height`` RGB pixels, with one tiny data chunk."""
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
@@ -78,8 +80,12 @@ CASES = {
     "zero_byte_file": Case(f"bad/{NAME}", lambda g: b"", reason="zero_bytes"),
     "text_named_png": Case(f"bad/{NAME}", lambda g: b"patient notes\n", reason="not_an_image"),
     "corrupt_png_data": Case(f"bad/{NAME}", _flip_middle_byte, reason="corrupt"),
-    "jpeg_content_named_png": Case(f"odd/{NAME}", lambda g: _encode(_rgb(g), "JPEG"), mode="RGB", fmt="JPEG"),
-    "tiff_content_named_png": Case(f"odd/{NAME}", lambda g: _encode(_rgb(g), "TIFF"), mode="RGB", fmt="TIFF"),
+    "jpeg_content_named_png": Case(
+        f"odd/{NAME}", lambda g: _encode(_rgb(g), "JPEG"), mode="RGB", fmt="JPEG"
+    ),
+    "tiff_content_named_png": Case(
+        f"odd/{NAME}", lambda g: _encode(_rgb(g), "TIFF"), mode="RGB", fmt="TIFF"
+    ),
     "grayscale_png": Case(f"odd/{NAME}", lambda g: _encode(_rgb(g).convert("L")), mode="L"),
     "rgba_png": Case(f"odd/{NAME}", lambda g: _encode(_rgb(g).convert("RGBA")), mode="RGBA"),
     "16_bit_png": Case(
@@ -95,11 +101,16 @@ CASES = {
     ),
     "unparseable_name": Case("bad/slide_0001.png", lambda g: g, reason="unparseable_name"),
     "folder_contradicts_name": Case(
-        f"breast/malignant/SOB/ductal_carcinoma/{NAME}", lambda g: _encode(_rgb(g).rotate(90)),
+        f"breast/malignant/SOB/ductal_carcinoma/{NAME}",
+        lambda g: _encode(_rgb(g).rotate(90)),
         reason="unparseable_name",
     ),
-    "key_with_spaces": Case(f"slides from lab 2/{NAME}", lambda g: _encode(_rgb(g).rotate(90)), mode="RGB"),
-    "non_ascii_key": Case(f"données/échantillon/{NAME}", lambda g: _encode(_rgb(g).rotate(90)), mode="RGB"),
+    "key_with_spaces": Case(
+        f"slides from lab 2/{NAME}", lambda g: _encode(_rgb(g).rotate(90)), mode="RGB"
+    ),
+    "non_ascii_key": Case(
+        f"données/échantillon/{NAME}", lambda g: _encode(_rgb(g).rotate(90)), mode="RGB"
+    ),
     "same_content_two_names": Case(f"zz-copy/{NAME}", lambda g: g, duplicate=True),
 }
 # A local folder cannot hold a file named '..'; an object store can hold the literal key.
@@ -146,18 +157,24 @@ def test_bad_input_is_quarantined_and_good_data_still_ingested(
         assert sorted(manifest["relpath"]) == sorted(good_files)
     elif case.duplicate:
         assert quarantine.empty
-        assert duplicates[["uri", "kept_uri"]].values.tolist() == [[bad_uri, f"{source}/{first_rel}"]]
+        assert duplicates[["uri", "kept_uri"]].values.tolist() == [
+            [bad_uri, f"{source}/{first_rel}"]
+        ]
         assert sorted(manifest["relpath"]) == sorted(good_files)
     else:
         assert quarantine.empty and duplicates.empty
         row = manifest.set_index("relpath").loc[case.relpath]
         assert (row["mode"], row["format"]) == (case.mode, case.fmt)
     # Zero rows lost: every listed image is in exactly one of the three tables.
-    listed = [f.url for f in storage.list_file_infos(source) if f.url.lower().endswith(IMAGE_SUFFIXES)]
+    listed = [
+        f.url for f in storage.list_file_infos(source) if f.url.lower().endswith(IMAGE_SUFFIXES)
+    ]
     accounted = [*manifest["uri"], *quarantine["uri"], *duplicates["uri"]]
     assert sorted(accounted) == sorted(listed)
     assert (result.images, result.quarantined, result.duplicates) == (
-        len(manifest), len(quarantine), len(duplicates)
+        len(manifest),
+        len(quarantine),
+        len(duplicates),
     )
 
 
@@ -223,7 +240,9 @@ def test_unwritable_root_is_rejected_before_the_source_is_read(kind, tmp_path, g
         ({"scheme": "random"}, "scheme", "'paper', 'patient' or 'patient-kfold'"),
     ],
 )
-def test_bad_training_parameters_are_rejected_naming_the_field(tmp_path, overrides, field, fragment):
+def test_bad_training_parameters_are_rejected_naming_the_field(
+    tmp_path, overrides, field, fragment
+):
     fields = {"root": str(tmp_path / "root"), "magnification": 40, **overrides}
     with pytest.raises(ValidationError) as error:
         TrainConfig(**fields)

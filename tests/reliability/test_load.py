@@ -44,8 +44,14 @@ def test_ingest_memory_stays_flat_as_the_dataset_grows(tmp_path):
     measured = {}
     for images_per_patient in (5, 20):  # 10 patients x 4 magnifications x n = 200, 800 images
         source = tmp_path / f"source{images_per_patient}"
-        count = generate(str(source), patients=10, images_per_patient=images_per_patient,
-                         seed=1, size=(350, 230), workers=2)
+        count = generate(
+            str(source),
+            patients=10,
+            images_per_patient=images_per_patient,
+            seed=1,
+            size=(350, 230),
+            workers=2,
+        )
         measured[count] = _child(_INGEST, str(source), str(tmp_path / f"root{images_per_patient}"))
         assert measured[count]["images"] == count
     small, large = measured[200], measured[800]

@@ -24,7 +24,10 @@ from tests.reliability.faulty_proxy import FaultyProxy, always
 def _dala(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dala_model.cli", *args],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
 
 
@@ -48,13 +51,30 @@ def test_planted_secret_never_reaches_output_or_any_written_file(
     runs = [
         _dala(["ingest", str(tmp_path / "source"), "--out", root, "--cache-size", "32"], env),
         _dala(["split", root, "--scheme", "patient"], env),
-        _dala(["train", root, "--magnification", "40", "--epochs", "1", "--image-size", "32",
-               "--batch-size", "8", "--device", "cpu"], env),
+        _dala(
+            [
+                "train",
+                root,
+                "--magnification",
+                "40",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "8",
+                "--device",
+                "cpu",
+            ],
+            env,
+        ),
     ]
     assert [r.returncode for r in runs] == [0, 0, 0], [r.stderr[-2000:] for r in runs]
     with FaultyProxy(s3_endpoint, always("500")) as proxy:  # an induced error, with a traceback
-        failed = _dala(["ingest", str(tmp_path / "source"), "--out", f"{s3_bucket}/other"],
-                       {**env, "AWS_ENDPOINT_URL": proxy.url})
+        failed = _dala(
+            ["ingest", str(tmp_path / "source"), "--out", f"{s3_bucket}/other"],
+            {**env, "AWS_ENDPOINT_URL": proxy.url},
+        )
     assert failed.returncode != 0 and "StorageError" in failed.stderr
     assert "HTTP 500" in failed.stderr
 
@@ -63,7 +83,9 @@ def test_planted_secret_never_reaches_output_or_any_written_file(
     bucket = s3_bucket.removeprefix("s3://")
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     written = {key: client.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
-    written.update({str(p): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()})
+    written.update(
+        {str(p): p.read_bytes() for p in (tmp_path / "shards").rglob("*") if p.is_file()}
+    )
     assert any(k.startswith("root/runs/") for k in written), "the training run wrote nothing"
     for needle in (secret, key_id):
         assert needle not in printed

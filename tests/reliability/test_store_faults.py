@@ -163,7 +163,10 @@ def test_parquet_write_failing_in_the_kernel_keeps_the_previous_file(tmp_path):
     storage.write_parquet_atomic(good, url)
     done = subprocess.run(
         [sys.executable, "-c", _WRITE_UNDER_FSIZE_LIMIT, url],
-        capture_output=True, text=True, timeout=120, cwd=os.getcwd(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=os.getcwd(),
     )
     assert done.returncode == 3, done.stderr
     assert "File too large" in done.stdout and url in done.stdout
@@ -172,7 +175,9 @@ def test_parquet_write_failing_in_the_kernel_keeps_the_previous_file(tmp_path):
     assert resource.getrlimit(resource.RLIMIT_FSIZE)  # the limit only applied to the child
 
 
-def test_parquet_put_failing_on_s3_keeps_the_previous_object(s3_bucket, faulty_s3, monkeypatch, s3_endpoint):
+def test_parquet_put_failing_on_s3_keeps_the_previous_object(
+    s3_bucket, faulty_s3, monkeypatch, s3_endpoint
+):
     url = f"{s3_bucket}/manifests/manifest.parquet"
     good = pd.DataFrame({"image_id": ["a", "b"]})
     storage.write_parquet_atomic(good, url)

@@ -72,7 +72,9 @@ def _config(root: str, **overrides) -> TrainConfig:
 
 
 def test_diverging_loss_stops_the_run_naming_epoch_and_batch_and_promotes_nothing(small_root):
-    config = _config(small_root, lr=1e12, run_id="diverges")  # Adam steps of 1e12: NaN in a step or two
+    config = _config(
+        small_root, lr=1e12, run_id="diverges"
+    )  # Adam steps of 1e12: NaN in a step or two
     with pytest.raises(NonFiniteLoss, match=r"diverges: loss became nan at epoch 1, batch \d+"):
         train(config)
     run = Path(small_root) / "runs" / "diverges"
@@ -116,7 +118,9 @@ def test_every_torch_load_in_the_library_is_weights_only():
                 and node.func.value.id == "torch"
             ):
                 safe = any(
-                    k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                    k.arg == "weights_only"
+                    and isinstance(k.value, ast.Constant)
+                    and k.value.value is True
                     for k in node.keywords
                 )
                 calls.append((f"{path.name}:{node.lineno}", safe))
@@ -154,7 +158,9 @@ def test_manifest_row_whose_file_changed_is_refused_by_the_cache(fresh_root):
     _, root = fresh_root
     uri = read_manifest(root)["uri"].iloc[2]
     Path(uri).write_bytes(Path(read_manifest(root)["uri"].iloc[5]).read_bytes())
-    with pytest.raises(ValueError, match=r"changed since ingest \(sha256 differs\): re-run `dala ingest`"):
+    with pytest.raises(
+        ValueError, match=r"changed since ingest \(sha256 differs\): re-run `dala ingest`"
+    ):
         build_cache(root, 32)
 
 
