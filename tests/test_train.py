@@ -20,6 +20,7 @@ import torch
 from pydantic import ValidationError
 
 from dala_model import load_model, storage
+from dala_model.cli import UsageError
 from dala_model.config import TrainConfig
 from dala_model.inference import predict_proba
 from dala_model.ingest import ingest
@@ -228,3 +229,22 @@ def test_cli_reports_bad_parameter_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "--magnification" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_config_file_reproduces_a_recorded_run_and_flags_override_it(tmp_path):
+    from dala_model.cli import build_parser
+    from dala_model.cli.train import config_from_args
+
+    recorded = TrainConfig(root=str(tmp_path), magnification=200, epochs=7, seed=3, lr=3e-4)
+    run_file = tmp_path / "config.json"  # a run folder's config.json: the config under "config"
+    run_file.write_text(json.dumps({"config": recorded.model_dump(mode="json"), "run_id": "x"}))
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["train", "--config", str(run_file)])) == recorded
+    overridden = config_from_args(
+        parser.parse_args(["train", "--config", str(run_file), "--epochs", "2", "--resume"])
+    )
+    assert overridden == recorded.model_copy(update={"epochs": 2, "resume": True})
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({**recorded.model_dump(mode="json"), "colour": "red"}))
+    with pytest.raises(UsageError, match="--colour: Extra inputs are not permitted"):
+        config_from_args(parser.parse_args(["train", "--config", str(plain)]))

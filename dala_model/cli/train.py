@@ -1,9 +1,15 @@
-"""`dala train`: one model x one magnification; the TrainConfig fields people change, as flags."""
+"""`dala train`: one model x one magnification; the TrainConfig fields people change, as flags.
+
+``--config FILE`` starts from a whole TrainConfig in JSON (a run folder's ``config.json`` works
+too), so a recorded run is reproduced exactly; flags given beside it override its fields. The
+flow's multi-GPU trainings launch ``torchrun ... dala train --config`` the same way.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -12,42 +18,54 @@ from dala_model.config import TrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    # Defaults are None: TrainConfig holds the defaults (the paper's protocol), so a flag left out
+    # never overrides a value read from --config.
     p = subparsers.add_parser(
         "train", help="train one model on one magnification (paper protocol by default)"
     )
-    p.add_argument("root", help="storage root URL (local path, file://, s3://bucket/prefix)")
-    p.add_argument("--magnification", type=int, required=True, help="40, 100, 200 or 400")
-    p.add_argument("--model", default="dalaresnet50")
-    p.add_argument("--scheme", default="patient", help="paper | patient | patient-kfold")
+    p.add_argument(
+        "root", nargs="?", help="storage root URL (local path, file://, s3://bucket/prefix)"
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        help="a TrainConfig as JSON, or a run folder's config.json; flags override its fields",
+    )
+    p.add_argument("--magnification", type=int, help="40, 100, 200 or 400 (required)")
+    p.add_argument("--model", help="default dalaresnet50")
+    p.add_argument("--scheme", help="paper | patient (default) | patient-kfold")
     p.add_argument("--fold", type=int, help="fold index for patient-kfold")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--imbalance", default="none", help="none | oversample | class_weight")
-    p.add_argument("--monitor", default="val_accuracy", help="val_accuracy | val_gmean | val_loss")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on CUDA) | bf16 | fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--epochs", type=int, help="default 50")
+    p.add_argument("--batch-size", type=int, help="the global batch; default 32")
+    p.add_argument("--image-size", type=int, help="default 224")
+    p.add_argument("--lr", type=float, help="default 1e-4")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--imbalance", help="none (default) | oversample | class_weight")
+    p.add_argument("--monitor", help="val_accuracy (default) | val_gmean | val_loss")
+    p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
+    p.add_argument("--precision", help="auto (bf16 on CUDA; default) | bf16 | fp32")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
         "--no-cache",
         dest="use_cache",
         action="store_false",
+        default=None,
         help="decode PNGs instead of reading the decoded cache (slow)",
     )
     p.add_argument(
         "--pretrained",
         nargs="?",
         const=True,
-        default=False,
         help="ImageNet weights (no value) or a weights path/URL",
     )
     p.add_argument(
         "--run-id", help="run folder name (default derived from model, magnification, scheme, seed)"
     )
     p.add_argument(
-        "--resume", action="store_true", help="continue an interrupted run from its last epoch"
+        "--resume",
+        action="store_true",
+        default=None,
+        help="continue an interrupted run from its last epoch",
     )
     p.set_defaults(func=run)
 
@@ -55,14 +73,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dala_model.train import train
 
-    fields = {
-        k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None
-    }
-    try:
-        config = TrainConfig(**fields)
-    except ValidationError as exc:
-        raise UsageError(_explain(exc)) from None
-    result = train(config)
+    result = train(config_from_args(args))
     print(
         json.dumps(
             {
@@ -78,8 +89,35 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _explain(exc: ValidationError) -> str:
-    return "; ".join(
-        f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}"
-        for err in exc.errors()
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The file's fields (if any), overridden by every flag that was given."""
+    fields = _read_config(args.config) if args.config else {}
+    fields.update(
+        (k, v) for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None
     )
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as exc:
+        raise UsageError(_explain(exc)) from None
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read a JSON TrainConfig ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a run folder's config.json records the config under "config"
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    return data
+
+
+def _explain(exc: ValidationError) -> str:
+    return "; ".join(f"{_flag(err['loc'])}: {err['msg']}" for err in exc.errors())
+
+
+def _flag(loc: tuple) -> str:
+    if loc == ("root",):
+        return "ROOT (or --config)"
+    return f"--{'-'.join(str(p) for p in loc).replace('_', '-')}"
