@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The library's log lines (per-epoch training, ingest) go to each flow run's logs; the synthetic
+# data step runs outside any flow, so its lines stay on the console only.
 run: $(STAMP)
+	PREFECT_LOGGING_EXTRA_LOGGERS=dala_model PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore \
 	$(PY) -m flows.main $(if $(DATA),--data $(DATA)) $(if $(ROOT),--root $(ROOT)) $(if $(PROFILE),--profile $(PROFILE))
 
 test: $(STAMP)

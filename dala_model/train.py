@@ -148,6 +148,7 @@ def _train(
                     "data_version": data_version,
                     "code_version": code_version(),
                     "environment": environment(device),
+                    "processes": job.size,
                     "created_at": _now(),
                     "split_sizes": {name: len(split) for name, split in data.items()},
                 }
@@ -421,6 +422,7 @@ def _finish(config, paths, folder, state, device, dtype, data) -> TrainResult:
         "data_version": json.loads(storage.read_bytes(paths["config.json"]))["data_version"],
         "code_version": code_version(),
         "config": config.model_dump(mode="json"),
+        "processes": distributed.world().size,
         "finished_at": _now(),
     }
     storage.write_bytes_atomic(paths["run.json"], _dumps(summary))
@@ -544,6 +546,15 @@ def completed_summary(config: TrainConfig) -> dict | None:
         return None
     summary = json.loads(storage.read_bytes(summary_uri))
     return summary if summary.get("status") == "complete" else None
+
+
+def completed_result(config: TrainConfig) -> TrainResult | None:
+    """:func:`completed_summary` as the :class:`TrainResult` that ``train`` returned for it."""
+    summary = completed_summary(config)
+    if summary is None:
+        return None
+    folder = run_uri(config)
+    return _result(summary, folder, storage.join(folder, "best"), status="complete")
 
 
 def _recorded(uri: str) -> dict | None:

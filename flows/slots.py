@@ -1,14 +1,17 @@
-"""Device slots: one training per GPU (or per share of the CPU cores), machine-wide.
+"""Device slots: one training per GPU group (or per share of the CPU cores), machine-wide.
 
 The training fan-out runs in a process pool whose size is the number of slots. Each pool worker
-claims one slot when it starts (an exclusive ``fcntl`` lock on a per-slot file) and keeps it for
-its lifetime; the OS drops the lock when the process exits, crashed or not. Because the lock
-files are machine-wide, two flow runs on one machine (a schedule and a manual run, two workers
-sharing a box) still never put two trainings on one GPU: the second run's workers wait for a slot.
+claims one slot when it starts (an exclusive ``fcntl`` lock on the file of every GPU in the slot,
+all or none) and keeps it for its lifetime; the OS drops the locks when the process exits,
+crashed or not. Because the locks are per physical GPU and machine-wide, two flow runs on one
+machine (a schedule and a manual run, two workers sharing a box, even with different
+``gpus_per_training``) never put two trainings on one GPU: the second run's workers wait.
 
-A GPU slot pins its worker to one physical device through ``CUDA_VISIBLE_DEVICES``, set before
-the worker touches CUDA, so every training sees exactly one GPU as ``cuda:0``. A CPU slot gets an
-equal share of the cores as torch threads, so parallel trainings do not oversubscribe the CPU.
+A slot pins its worker to its GPUs through ``CUDA_VISIBLE_DEVICES``, set before the worker
+touches CUDA. With one GPU per training the training runs in the worker and sees its GPU as
+``cuda:0``; with several, the worker launches a ``torchrun`` job whose ranks take one GPU each
+(``dala_model.launcher``). A CPU slot gets an equal share of the cores as torch threads, split
+among its processes, so parallel trainings do not oversubscribe the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
@@ -26,30 +30,45 @@ log = logging.getLogger(__name__)
 
 _claimed: dict[
     str, object
-] = {}  # this process's slot: {"plan": SlotPlan, "slot": str, "handle": file}
+] = {}  # this process's slot: {"plan": SlotPlan, "slot": [...], "handles": [...]}
 
 
 class SlotPlan(BaseModel):
     """How many trainings may run at once on this machine, and on what."""
 
     kind: str = Field(description="'gpu' or 'cpu'")
-    slots: list[str] = Field(
-        description="GPU ids (as CUDA_VISIBLE_DEVICES names them) or CPU slot names"
+    slots: list[list[str]] = Field(
+        description="per slot: its GPU ids (as CUDA_VISIBLE_DEVICES names them) or one CPU slot name"
     )
-    threads: int = Field(ge=1, description="torch threads per training")
+    processes: int = Field(ge=1, description="processes per training (DDP ranks when > 1)")
+    threads: int = Field(ge=1, description="torch threads per process")
     lock_dir: str
 
 
-def plan_slots(jobs: int, max_parallel: int | None = None) -> SlotPlan:
-    """One slot per visible GPU, else ``min(jobs, cores)`` CPU slots; ``max_parallel`` caps either."""
+@dataclass(frozen=True)
+class PinnedSlot:
+    """What the training task needs to know about the slot its process holds."""
+
+    label: str
+    processes: int
+    threads: int
+
+
+def plan_slots(jobs: int, max_parallel: int | None = None, gpus_per_training: int = 1) -> SlotPlan:
+    """Groups of ``gpus_per_training`` visible GPUs, else ``min(jobs, cores // processes)`` CPU
+    slots of ``gpus_per_training`` processes each (gloo ranks: the CPU twin of the GPU path);
+    ``max_parallel`` caps the number of slots either way."""
     import torch  # the parent only counts devices; it never creates a CUDA context
 
     if max_parallel is not None and max_parallel < 1:
         raise ValueError(f"max_parallel must be >= 1, got {max_parallel}")
+    if gpus_per_training < 1:
+        raise ValueError(f"gpus_per_training must be >= 1, got {gpus_per_training}")
     cores = os.cpu_count() or 1
     lock_dir = os.environ.get("DALA_SLOT_DIR") or str(
         Path(tempfile.gettempdir()) / "dala-device-slots"
     )
+    per = gpus_per_training
     if torch.cuda.is_available():
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         ids = (
@@ -57,11 +76,34 @@ def plan_slots(jobs: int, max_parallel: int | None = None) -> SlotPlan:
             if visible
             else [str(i) for i in range(torch.cuda.device_count())]
         )
-        ids = ids[: max_parallel or len(ids)]
-        return SlotPlan(kind="gpu", slots=ids, threads=max(1, cores // len(ids)), lock_dir=lock_dir)
-    n = max(1, min(jobs, cores, max_parallel or cores))
+        if per > len(ids):
+            raise ValueError(
+                f"gpus_per_training={per}, but this machine has {len(ids)} visible GPU(s) "
+                f"({', '.join(ids)}); lower gpus_per_training or run on a bigger node"
+            )
+        if len(ids) % per:
+            log.warning(
+                "%d GPUs in groups of %d: GPU(s) %s stay idle",
+                len(ids),
+                per,
+                ", ".join(ids[len(ids) - len(ids) % per :]),
+            )
+        groups = [ids[i : i + per] for i in range(0, len(ids) - per + 1, per)]
+        groups = groups[: max_parallel or len(groups)]
+        return SlotPlan(
+            kind="gpu",
+            slots=groups,
+            processes=per,
+            threads=max(1, cores // (len(groups) * per)),
+            lock_dir=lock_dir,
+        )
+    n = max(1, min(jobs, cores // per, max_parallel or cores))
     return SlotPlan(
-        kind="cpu", slots=[str(i) for i in range(n)], threads=max(1, cores // n), lock_dir=lock_dir
+        kind="cpu",
+        slots=[[str(i)] for i in range(n)],
+        processes=per,
+        threads=max(1, cores // (n * per)),
+        lock_dir=lock_dir,
     )
 
 
@@ -72,18 +114,10 @@ def claim_slot(plan: SlotPlan) -> None:
     waited = 0.0
     while True:
         for slot in plan.slots:
-            handle = open(directory / f"{plan.kind}-{slot}.lock", "a+")  # noqa: SIM115 - held for the process's life
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
-                continue
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"{os.getpid()}\n")
-            handle.flush()
-            _claimed.update(plan=plan, slot=slot, handle=handle)
-            return
+            handles = _lock_all(directory, plan.kind, slot)
+            if handles is not None:
+                _claimed.update(plan=plan, slot=slot, handles=handles)
+                return
         if waited % 60 == 0:
             log.warning(
                 "all %d %s slots are busy (locks in %s); waiting",
@@ -95,19 +129,44 @@ def claim_slot(plan: SlotPlan) -> None:
         waited += 1.0
 
 
-def pin_process() -> str:
-    """Apply the claimed slot to this process (call before any CUDA use); return a device name.
+def _lock_all(directory: Path, kind: str, slot: list[str]) -> list | None:
+    """Exclusive locks on every device of ``slot``, or none at all (None) if any is busy."""
+    handles = []
+    for device in slot:
+        handle = open(directory / f"{kind}-{device}.lock", "a+")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            for held in handles:
+                held.close()  # closing the file releases its lock
+            return None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        handles.append(handle)
+    return handles
+
+
+def pin_process() -> PinnedSlot:
+    """Apply the claimed slot to this process (call before any CUDA use).
 
     Must run inside the task, not only in the initializer: Prefect's process pool re-applies the
     parent's environment to every task, which would undo a ``CUDA_VISIBLE_DEVICES`` set earlier.
+    A torchrun job launched from the task inherits the variable, so its ranks see the slot's GPUs.
     """
     import torch
 
     if not _claimed:
         raise RuntimeError("pin_process() called in a process that claimed no device slot")
     plan: SlotPlan = _claimed["plan"]  # type: ignore[assignment]
+    slot: list[str] = _claimed["slot"]  # type: ignore[assignment]
     torch.set_num_threads(plan.threads)
     if plan.kind == "gpu":
-        os.environ["CUDA_VISIBLE_DEVICES"] = str(_claimed["slot"])
-        return f"gpu {_claimed['slot']}"
-    return f"cpu slot {_claimed['slot']} ({plan.threads} threads)"
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(slot)
+        label = f"gpu {','.join(slot)}"
+    else:
+        label = f"cpu slot {slot[0]} ({plan.threads} threads"
+        label += f" x {plan.processes} processes)" if plan.processes > 1 else ")"
+    return PinnedSlot(label=label, processes=plan.processes, threads=plan.threads)

@@ -26,6 +26,8 @@ from pydantic import BaseModel, Field
 
 from dala_model import cache, registry, splits, storage
 from dala_model.config import MAGNIFICATIONS, TrainConfig
+from dala_model.distributed import World, check_batch_size
+from dala_model.launcher import launch_training
 from dala_model.manifest import manifest_version, read_manifest
 from dala_model.paper import PAPER_RESULTS, paper_name
 from dala_model.train import RunConflict, completed_summary, run_uri, train
@@ -101,13 +103,15 @@ def finished_run(config: TrainConfig) -> TrainOutcome | None:
     retry_delay_seconds=2,
 )
 def train_run(config: TrainConfig) -> TrainOutcome:
-    """One training in a pool process that holds a device slot; reports per-epoch progress."""
+    """One training in a pool process that holds a device slot; reports per-epoch progress.
+
+    A slot of several GPUs (or CPU processes) trains as a torchrun job launched from here."""
     slot = pin_process()
     started = time.time()
     artifact = create_progress_artifact(
         0.0,
         key=_artifact_key("progress", config.resolved_run_id),
-        description=f"{config.resolved_run_id} on {slot}: starting",
+        description=f"{config.resolved_run_id} on {slot.label}: starting",
     )
 
     def progress(record: dict) -> None:
@@ -121,7 +125,12 @@ def train_run(config: TrainConfig) -> TrainOutcome:
             ),
         )
 
-    result = train(config, progress=progress)
+    if slot.processes > 1:
+        result = launch_training(
+            config, slot.processes, threads_per_process=slot.threads, progress=progress
+        )
+    else:
+        result = train(config, progress=progress)
     update_progress_artifact(artifact, 100.0, description=f"{result.run_id}: {result.status}")
     return _outcome(
         config,
@@ -130,7 +139,7 @@ def train_run(config: TrainConfig) -> TrainOutcome:
         result.best_epoch,
         result.train_seconds,
         result.metrics,
-        slot=slot,
+        slot=slot.label,
         started=started,
     )
 
@@ -200,6 +209,14 @@ def train_flow(
         int | None, Field(ge=1, description="cap on concurrent trainings")
     ] = None,
     retries: Annotated[int, Field(ge=0, description="retries of a failed training")] = 1,
+    gpus_per_training: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="GPUs per training, as DDP ranks under torchrun (batch_size stays the "
+            "global batch); on a machine without GPUs, that many gloo processes",
+        ),
+    ] = 1,
 ) -> list[TrainOutcome]:
     """Train every (model, magnification[, fold]) in parallel, promote the best, build the report."""
     logger = get_run_logger()
@@ -210,6 +227,7 @@ def train_flow(
         )
     if (scheme == "patient-kfold") != (folds is not None):
         raise ValueError("folds is required with scheme 'patient-kfold' and only valid with it")
+    check_batch_size(batch_size, World(size=gpus_per_training))
     if source is not None:
         ingest_flow(source=source, root=root, cache_size=image_size)
     ensure_split(root, scheme, seed)
@@ -238,13 +256,14 @@ def train_flow(
     todo = [config for config, done in zip(configs, finished, strict=True) if done is None]
     outcomes, failures = [done for done in finished if done is not None], []
     if todo:
-        plan = plan_slots(len(todo), max_parallel)
+        plan = plan_slots(len(todo), max_parallel, gpus_per_training)
         logger.info(
-            "%d of %d trainings to run on %d %s slot(s), %d thread(s) each",
+            "%d of %d trainings to run on %d %s slot(s) of %d process(es), %d thread(s) each",
             len(todo),
             len(configs),
             len(plan.slots),
             plan.kind,
+            plan.processes,
             plan.threads,
         )
         trained, failures = _fan_out(todo, plan, retries)

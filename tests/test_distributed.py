@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from dala_model import cache, storage
+from dala_model.config import TrainConfig
 from dala_model.distributed import (
     World,
     check_batch_size,
@@ -28,6 +29,7 @@ from dala_model.distributed import (
     shard,
 )
 from dala_model.ingest import ingest
+from dala_model.launcher import DistributedTrainingFailed, launch_training
 from dala_model.manifest import duplicates_uri, quarantine_uri, read_manifest
 from dala_model.splits import make_split
 from dala_model.synth import generate
@@ -76,13 +78,46 @@ def history(root: str, run_id: str) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tiny_root) -> str:
-    """One uninterrupted 2-process run, the reference for the comparisons below."""
-    proc = subprocess.run(
-        TORCHRUN + train_args(tiny_root, "ddp"), capture_output=True, text=True, timeout=300
+def ddp_launch(tiny_root) -> dict:
+    """One uninterrupted 2-process run launched as the flow launches it (torchrun ... dala train
+    --config), with its progress reports; the reference for the comparisons below."""
+    config = TrainConfig(
+        root=tiny_root,
+        magnification=MAG,
+        epochs=EPOCHS,
+        batch_size=8,
+        lr=1e-4,
+        image_size=SIZE,
+        run_id="ddp",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return "ddp"
+    reports: list[dict] = []
+    result = launch_training(config, 2, progress=reports.append)
+    return {"result": result, "reports": reports}
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ddp_launch) -> str:
+    return ddp_launch["result"].run_id
+
+
+def test_launcher_returns_the_result_and_reports_every_epoch(tiny_root, ddp_launch):
+    result, reports = ddp_launch["result"], ddp_launch["reports"]
+    summary = json.loads((Path(tiny_root) / "runs" / "ddp" / "run.json").read_text())
+    assert result.status == "complete" and result.run_id == "ddp"
+    assert result.metrics == summary["metrics"] and summary["processes"] == 2
+    assert [r["epoch"] for r in reports] == list(range(EPOCHS))
+    assert all(r["epochs"] == EPOCHS and r["run_id"] == "ddp" for r in reports)
+
+
+def test_launcher_failure_names_the_cause_from_the_ranks_output(tiny_root):
+    """The ranks fail (no split for this scheme); the error carries their own message."""
+    config = TrainConfig(
+        root=tiny_root, magnification=MAG, scheme="paper", epochs=1, batch_size=8, image_size=SIZE
+    )
+    with pytest.raises(DistributedTrainingFailed, match="torchrun exited") as failure:
+        launch_training(config, 2)
+    assert "no paper split at" in str(failure.value)
+    assert not (Path(tiny_root) / "runs" / config.resolved_run_id / "run.json").exists()
 
 
 def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):

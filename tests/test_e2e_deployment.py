@@ -8,6 +8,7 @@ this test starts is stopped with its children at the end.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -99,6 +100,17 @@ def wait_healthy(api_url: str, server: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout}s")
 
 
+def api_logs(api_url: str, logger: str, text: str) -> list[str]:
+    """The messages the API holds from ``logger`` that contain ``text`` (any flow or task run)."""
+    request = urllib.request.Request(
+        f"{api_url}/logs/filter",
+        data=json.dumps({"logs": {"text": {"query": text}}, "limit": 200}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return [log["message"] for log in json.load(response) if log["name"] == logger]
+
+
 @pytest.mark.slow
 def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefect_env):
     env, root = prefect_env, prefect_env["DALA_ROOT"]
@@ -161,6 +173,7 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
             "image_size=32",
             timeout=450,
         )
+        engine_logs = api_logs(env["PREFECT_API_URL"], "dala_model.train", "epoch")
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
         first = read_predictions(root, "dalaresnet50", dedupe=False)
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
@@ -171,6 +184,9 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
     for process in started:
         assert process.poll() is not None
 
+    # The deployments forward the library's log lines (prefect.yaml's job variables).
+    for mag in MAGS:
+        assert any(f"dalaresnet50-{mag}x-patient-seed0 epoch 1/1" in m for m in engine_logs)
     manifest = read_manifest(root)
     assert len(manifest) == count and manifest["uri"].str.startswith(source).all()
     for mag in MAGS:

@@ -2,7 +2,8 @@
 
 One module-scoped pipeline drives the flows in the order an operator would: a training run in
 which one magnification fails for a real reason (a stale run folder from another config), the
-rerun that completes only that one, then batch inference twice and the report flow.
+rerun that completes only that one (as a two-process DDP job: ``gpus_per_training=2``), then
+batch inference twice and the report flow.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ from pathlib import Path
 import pytest
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
 from prefect.testing.utilities import prefect_test_harness
 
 from dala_model import registry, storage, synth
@@ -35,6 +41,15 @@ def task_runs(flow_run_id) -> list:
         )
 
 
+def run_logs(flow_run_id) -> list[tuple[str, str]]:
+    """(logger, message) of every log line of one flow run and its task runs."""
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [(log.name, log.message) for log in logs]
+
+
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("flows")
@@ -45,7 +60,12 @@ def pipeline(tmp_path_factory) -> dict:
     stale.mkdir(parents=True)
     other = TrainConfig(root=root, magnification=400, epochs=7, batch_size=8, image_size=32)
     (stale / "config.json").write_text(json.dumps({"config": other.model_dump(mode="json")}))
-    with prefect_test_harness(server_startup_timeout=120):
+    # As the deployments do: the library's log lines go to the run logs (read back below).
+    with (
+        pytest.MonkeyPatch.context() as env,
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        env.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "dala_model")
         failed = train_flow(
             root=root, source=source, magnifications=MAGS, **TINY, return_state=True
         )
@@ -57,11 +77,15 @@ def pipeline(tmp_path_factory) -> dict:
         }
         failed_tasks = task_runs(failed.state_details.flow_run_id)
         shutil.rmtree(stale)
-        rerun = train_flow(root=root, magnifications=MAGS, **TINY, return_state=True)
+        # The rerun trains its one missing magnification as a 2-process torchrun job (gloo here).
+        rerun = train_flow(
+            root=root, magnifications=MAGS, **TINY, gpus_per_training=2, return_state=True
+        )
         first_scoring = inference_flow(root=root, return_state=True)
         rows_after_first = len(read_predictions(root, "dalaresnet50", dedupe=False))
         second_scoring = inference_flow(root=root, return_state=True)
         manifest_before = storage.read_bytes(f"{root}/manifests/manifest.parquet")
+        rerun_logs = run_logs(rerun.state_details.flow_run_id)
         foreign_source = inference_flow(
             root=root, source=str(base / "elsewhere"), return_state=True
         )
@@ -83,6 +107,7 @@ def pipeline(tmp_path_factory) -> dict:
             "failed_tasks": failed_tasks,
             "finished_before": finished_before,
             "rerun": rerun,
+            "rerun_logs": rerun_logs,
             "first_scoring": first_scoring,
             "second_scoring": second_scoring,
             "rows_after_first": rows_after_first,
@@ -130,6 +155,16 @@ def test_rerun_completes_only_the_missing_magnification(pipeline):
         )
         assert summary["finished_at"] == finished
     assert registry.current(root, "dalaresnet50", 400) is not None
+    # The ranks' output reaches the run's logs through the launcher, epoch lines included.
+    launched = [m for name, m in pipeline["rerun_logs"] if name == "dala_model.launcher"]
+    assert any("launching 2 ranks with torchrun" in m for m in launched)
+    assert any("dalaresnet50-400x-patient-seed0 epoch 1/1" in m for m in launched)
+    (trained,) = [o for o in rerun.result() if o.status == "complete"]
+    assert trained.slot.endswith("x 2 processes)")
+    summary = json.loads(storage.read_bytes(f"{trained.run_uri}/run.json"))
+    assert summary["processes"] == 2 and trained.test["accuracy"] == pytest.approx(
+        summary["metrics"]["test"]["image"]["accuracy"]
+    )
     trains = [t for t in task_runs(rerun.state_details.flow_run_id) if t.name.startswith("train-")]
     assert [t.name for t in trains] == ["train-dalaresnet50-400x"]
 

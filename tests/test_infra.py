@@ -259,6 +259,8 @@ def test_every_deployment_registers_against_its_pool(prefect_server):
     assert train.job_variables == {"image": "registry.example/dala:gpu", "gpu_count": 4}
     assert deployments["ingest-breakhis/breakhis-k8s"].job_variables["gpu_count"] == 0
     assert deployments["train-breakhis/breakhis"].work_pool_name == "dala-process"
+    env = deployments["train-breakhis/breakhis"].job_variables["env"]
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "dala_model"
     files = (REPO / "prefect.yaml", K8S_PREFECT_FILE)
     assert len(deployments) == sum(len(yaml.safe_load(f.read_text())["deployments"]) for f in files)
 
