@@ -165,7 +165,9 @@ def score_magnification(
             chunk_size=chunk_size,
             device=device,
         )
-    result.metrics, result.report_uri = _batch_report(root, record, manifest, flow_run_id)
+    result.metrics, result.report_uri = _batch_report(
+        root, record, manifest, flow_run_id, result.parts
+    )
     return result
 
 
@@ -246,9 +248,15 @@ def _pixels(root: str, chunk: pd.DataFrame, size: int, cached: set[str]) -> np.n
 
 
 def _batch_report(
-    root: str, record: dict, manifest: pd.DataFrame, flow_run_id: str
+    root: str, record: dict, manifest: pd.DataFrame, flow_run_id: str, written: list[str]
 ) -> tuple[dict | None, str | None]:
-    """IBA/G-mean and the rest for the images this flow run scored, over all its parts (retries included)."""
+    """IBA/G-mean and the rest for the images this flow run scored, retries included.
+
+    Those are the rows still attributed to the run (earlier attempts of the same flow run) and
+    every row of the parts this call ``written``: a racing run scoring the same pending set
+    rewrites the same part keys with its own ``flow_run_id`` (same images, same model, same
+    probabilities), which must not shrink this run's report.
+    """
     model, magnification, version = (
         record["model"],
         int(record["magnification"]),
@@ -261,10 +269,15 @@ def _batch_report(
         )
     except FileNotFoundError:
         uris = []
+    ours = set(written)
     for uri in uris:
         frame = storage.read_parquet(uri)
-        frames.append(frame[frame["flow_run_id"] == flow_run_id])
-    scored = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        frames.append(frame if uri in ours else frame[frame["flow_run_id"] == flow_run_id])
+    scored = (
+        pd.concat(frames, ignore_index=True).drop_duplicates("image_id")
+        if frames
+        else pd.DataFrame()
+    )
     if scored.empty or "label_id" not in manifest.columns:
         return None, None
     labelled = scored.merge(manifest[["image_id", "label_id"]], on="image_id", how="inner")

@@ -152,6 +152,26 @@ def test_concurrent_runs_never_duplicate_rows(served_root):
     assert len(table) == n and not table.duplicated(["image_id", "model_version"]).any()
 
 
+def test_a_racing_run_rewriting_our_parts_does_not_shrink_our_report(served_root, monkeypatch):
+    """The racer scores the same pending set, so it rewrites each of our parts (same key, same
+    rows) with its own flow_run_id right after we write it; our report still covers every
+    image we scored (it used to cover only the rows still attributed to us)."""
+    write = storage.write_parquet_atomic
+
+    def write_then_racer_overwrites(frame, uri, **kwargs):
+        write(frame, uri, **kwargs)
+        if "/predictions/model=" in uri:
+            write(frame.assign(flow_run_id="racer"), uri, **kwargs)
+
+    monkeypatch.setattr(storage, "write_parquet_atomic", write_then_racer_overwrites)
+    ours = predictions.score_magnification(
+        served_root, "dalaresnet50", 40, flow_run_id="ours", chunk_size=4
+    )
+    table = predictions.read_predictions(served_root, "dalaresnet50")
+    assert ours.scored > 4 and set(table["flow_run_id"]) == {"racer"}
+    assert ours.metrics["n"] == ours.scored
+
+
 def test_clear_errors(served_root, tmp_path):
     with pytest.raises(ValueError, match="threshold"):
         predictions.score_magnification(
