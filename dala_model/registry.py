@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from dala_model import storage
+from dala_model import runs, storage
 
 # TrainConfig.monitor -> (key in run.json's metrics.val, sign that makes larger better)
 _MONITOR_KEYS = {
@@ -91,13 +91,12 @@ def ranking_score(summary: dict) -> float:
 
 def candidate_record(run_uri: str) -> dict:
     """The registry record a completed run would get, read from its ``run.json`` and ``best/``."""
-    summary_uri = storage.join(run_uri, "run.json")
-    if not storage.exists(summary_uri):
+    summary = runs.read_summary(run_uri)
+    if summary is None:
         raise FileNotFoundError(
-            f"{storage.redact(summary_uri)} does not exist: only a completed training run can be "
-            "promoted; finish it with `dala train ... --resume` first"
+            f"{storage.redact(storage.join(run_uri, runs.SUMMARY))} does not exist: only a "
+            "completed training run can be promoted; finish it with `dala train ... --resume` first"
         )
-    summary = json.loads(storage.read_bytes(summary_uri))
     if summary.get("status") != "complete":
         raise ValueError(
             f"run {storage.redact(run_uri)} has status {summary.get('status')!r}, not 'complete'"

@@ -48,6 +48,7 @@ from dala_model.paper import (
     PAPER_RESULTS,
     paper_name,
 )
+from dala_model.runs import SUMMARY, list_runs, runs_uri
 
 log = logging.getLogger(__name__)
 
@@ -114,46 +115,37 @@ def build_report(root: str, out: str | None = None) -> dict[str, str]:
 
 def _collect(root: str) -> tuple[list[Run], list[dict[str, Any]], list[str]]:
     """Complete runs, incomplete ones (status rows), and problems worth showing in the report."""
-    runs_url = storage.join(root, "runs")
     try:
-        infos = storage.list_file_infos(runs_url, (".json",))
+        folders = list_runs(root)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"no runs under {storage.redact(runs_url)}: train one with `dala train` first"
+            f"no runs under {storage.redact(runs_uri(root))}: train one with `dala train` first"
         ) from None
-    folders: dict[str, set[str]] = {}
-    for info in infos:
-        parts = info.relpath.split("/")
-        if len(parts) == 2 and parts[1] in ("run.json", "config.json"):
-            folders.setdefault(parts[0], set()).add(parts[1])
     if not folders:
         raise FileNotFoundError(
-            f"{storage.redact(runs_url)} holds no run folders (runs/<run_id>/run.json or config.json)"
+            f"{storage.redact(runs_uri(root))} holds no run folders "
+            "(runs/<run_id>/run.json or config.json)"
         )
-    runs, incomplete, problems = [], [], []
-    for run_id, names in sorted(folders.items()):
-        folder = storage.join(runs_url, run_id)
-        if "run.json" not in names:
-            config = _read_json(storage.join(folder, "config.json")).get("config", {})
-            incomplete.append(_status_row(run_id, "running or interrupted (no run.json)", config))
+    complete, incomplete, problems = [], [], []
+    for folder in folders:
+        if not folder.complete:
+            incomplete.append(
+                _status_row(folder.run_id, folder.status, folder.summary or folder.config or {})
+            )
             continue
-        summary = _read_json(storage.join(folder, "run.json"))
-        status = str(summary.get("status", "unknown"))
-        if status != "complete":
-            incomplete.append(_status_row(run_id, status, summary))
-            continue
-        _check_summary(summary, storage.join(folder, "run.json"))
+        summary = folder.summary
+        _check_summary(summary, storage.join(folder.uri, SUMMARY))
         tables = {}
         for name in ("history.parquet", "test_predictions.parquet"):
-            url = storage.join(folder, name)
+            url = storage.join(folder.uri, name)
             if storage.exists(url):
                 tables[name] = storage.read_parquet(url)
             else:
                 tables[name] = None
-                problems.append(f"`{run_id}` has no {name}; its curves or ROC are left out")
-        runs.append(
+                problems.append(f"`{folder.run_id}` has no {name}; its curves or ROC are left out")
+        complete.append(
             Run(
-                str(summary.get("run_id", run_id)),
+                str(summary.get("run_id", folder.run_id)),
                 summary,
                 tables["history.parquet"],
                 tables["test_predictions.parquet"],
@@ -161,19 +153,7 @@ def _collect(root: str) -> tuple[list[Run], list[dict[str, Any]], list[str]]:
         )
     for problem in problems:
         log.warning("report: %s", problem)
-    return runs, incomplete, problems
-
-
-def _read_json(url: str) -> dict[str, Any]:
-    try:
-        data = json.loads(storage.read_bytes(url))
-    except json.JSONDecodeError as exc:
-        raise ValueError(
-            f"{storage.redact(url)} is not valid JSON ({exc}); delete the run folder or re-run it"
-        ) from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{storage.redact(url)} must hold a JSON object")
-    return data
+    return complete, incomplete, problems
 
 
 def _check_summary(summary: dict[str, Any], url: str) -> None:

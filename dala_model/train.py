@@ -33,7 +33,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
 
-from dala_model import distributed, storage
+from dala_model import distributed, runs, storage
 from dala_model.checkpoint import load_model, save_model
 from dala_model.config import TrainConfig
 from dala_model.dataset import SplitImages, load_split
@@ -70,7 +70,7 @@ class TrainResult:
 
 
 def run_uri(config: TrainConfig) -> str:
-    return storage.join(config.root, "runs", config.resolved_run_id)
+    return runs.run_folder(config.root, config.resolved_run_id)
 
 
 def train(config: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
@@ -537,15 +537,11 @@ def completed_summary(config: TrainConfig) -> dict | None:
     this config's. Reruns of a flow call this to skip finished trainings.
     """
     folder = run_uri(config)
-    recorded = _recorded(storage.join(folder, "config.json"))
+    recorded = _recorded(storage.join(folder, runs.CONFIG))
     if recorded is None:
         return None
     _check_same_run(recorded["config"], config, folder)
-    summary_uri = storage.join(folder, "run.json")
-    if not storage.exists(summary_uri):
-        return None
-    summary = json.loads(storage.read_bytes(summary_uri))
-    return summary if summary.get("status") == "complete" else None
+    return runs.completed_summary_at(folder)
 
 
 def completed_result(config: TrainConfig) -> TrainResult | None:
@@ -558,7 +554,7 @@ def completed_result(config: TrainConfig) -> TrainResult | None:
 
 
 def _recorded(uri: str) -> dict | None:
-    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+    return runs.read_json(uri) if storage.exists(uri) else None
 
 
 def _check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:

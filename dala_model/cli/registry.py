@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from dala_model import registry, storage
+from dala_model import registry, runs, storage
 from dala_model.cli import UsageError
 from dala_model.config import MAGNIFICATIONS
 
@@ -32,9 +32,12 @@ def promote(args: argparse.Namespace) -> int:
             f"--magnification must be one of {MAGNIFICATIONS}, got {args.magnification}"
         )
     if args.run_id:
-        run = storage.join(args.root, "runs", args.run_id)
-        summary = json.loads(storage.read_bytes(storage.join(run, "run.json")))
-        if (summary.get("model"), summary.get("magnification")) != (args.model, args.magnification):
+        run = runs.run_folder(args.root, args.run_id)
+        summary = runs.read_summary(run) or {}  # none: promote() says the run is not complete
+        if summary and (summary.get("model"), summary.get("magnification")) != (
+            args.model,
+            args.magnification,
+        ):
             raise UsageError(
                 f"run {args.run_id} is {summary.get('model')} at {summary.get('magnification')}X, "
                 f"not --model {args.model} --magnification {args.magnification}"
@@ -81,25 +84,20 @@ def print_current(root: str) -> None:
 
 def _best_run(root: str, model: str, magnification: int) -> str:
     """The complete run of (model, magnification) with the highest validation score."""
-    runs = storage.join(root, "runs")
     try:
-        summaries = [
-            u for u in storage.list_files(runs, suffixes=(".json",)) if u.endswith("/run.json")
-        ]
+        folders = runs.list_runs(root)
     except FileNotFoundError:
-        summaries = []
-    candidates = []
-    for uri in summaries:
-        summary = json.loads(storage.read_bytes(uri))
-        if (
-            summary.get("status") == "complete"
-            and summary.get("model") == model
-            and int(summary.get("magnification", 0)) == magnification
-        ):
-            candidates.append((registry.ranking_score(summary), uri[: -len("/run.json")]))
+        folders = []
+    candidates = [
+        (registry.ranking_score(f.summary), f.uri)
+        for f in folders
+        if f.complete
+        and f.summary.get("model") == model
+        and int(f.summary.get("magnification", 0)) == magnification
+    ]
     if not candidates:
         raise UsageError(
-            f"no complete {model} run at {magnification}X under {storage.redact(runs)}; "
-            "train one first (`dala train` or train-breakhis)"
+            f"no complete {model} run at {magnification}X under "
+            f"{storage.redact(runs.runs_uri(root))}; train one first (`dala train` or train-breakhis)"
         )
     return max(candidates)[1]
