@@ -15,8 +15,10 @@ job runs and hands each new epoch to ``progress`` (the flow's progress artifact)
 from __future__ import annotations
 
 import collections
+import contextlib
 import contextvars
 import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -60,6 +62,9 @@ def launch_training(
     """
     if processes < 2:
         raise ValueError(f"processes must be >= 2 for a torchrun job, got {processes}")
+    done = completed_result(config)
+    if done is not None:  # as train() does: a finished run is not trained again
+        return dataclasses.replace(done, status="skipped")
     child_env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": str(threads_per_process)}
     with tempfile.TemporaryDirectory(prefix="dala-launch-") as tmp:
         config_file = os.path.join(tmp, "train-config.json")
@@ -97,33 +102,31 @@ def _run(
     """Run the job; forward its output to the log and new epochs to ``progress``.
 
     Raises :class:`DistributedTrainingFailed` on a non-zero exit."""
-    proc = subprocess.Popen(
+    output = _Output()
+    with subprocess.Popen(
         command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_die_with_parent,  # only a prctl flag: safe between fork and exec
-    )
-    output = _Output()
-    # The reader runs in this thread's context, so a caller's logging context (a Prefect task
-    # run's, say) applies to the forwarded lines too.
-    context = contextvars.copy_context()
-    reader = threading.Thread(target=context.run, args=(output.forward, proc), daemon=True)
-    reader.start()
-    reported = 0
-    try:
-        while proc.poll() is None:
-            time.sleep(POLL_SECONDS)
-            reported = _report_epochs(config, progress, reported)
-    except BaseException:
-        proc.terminate()  # the agent stops its ranks on SIGTERM
+        encoding="utf-8",
+        errors="replace",  # a stray byte from a rank must not stop the pipe being drained
+        start_new_session=True,  # the agent and its ranks form one group, to kill as one
+        preexec_fn=_die_with_parent,
+    ) as proc:
+        # The reader runs in this thread's context, so a caller's logging context (a Prefect
+        # task run's, say) applies to the forwarded lines too.
+        context = contextvars.copy_context()
+        reader = threading.Thread(target=context.run, args=(output.forward, proc), daemon=True)
+        reader.start()
+        reported = 0
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        raise
-    reader.join(timeout=10)
+            while proc.poll() is None:
+                time.sleep(POLL_SECONDS)
+                reported = _report_epochs(config, progress, reported)
+        except BaseException:
+            _stop(proc)
+            raise
+        reader.join(timeout=30)
     _report_epochs(config, progress, reported)
     if proc.returncode != 0:
         raise DistributedTrainingFailed(
@@ -132,6 +135,18 @@ def _run(
             f"{output.summary()}"
         )
     return output
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the agent, which stops its ranks within its own grace period (30 s); past ours,
+    SIGKILL the whole group, so no rank is left holding a GPU whose slot lock is released."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 class _Output:
@@ -145,35 +160,48 @@ class _Output:
         self.tail: collections.deque[str] = collections.deque(maxlen=15)
 
     def forward(self, proc: subprocess.Popen) -> None:
+        """Drain the pipe to its end whatever happens to a line (a full pipe would block the ranks)."""
         assert proc.stdout is not None
         for raw in proc.stdout:
             line = raw.rstrip()
-            log.info("torchrun: %s", line)
             self.tail.append(line)
             if self._ERROR.search(line) and len(self.errors) < 10:
                 self.errors[line] = None
+            with contextlib.suppress(Exception):  # a failing log handler must not stop the drain
+                log.info("torchrun: %s", line)
 
     def summary(self) -> str:
-        errors = "\n".join(self.errors) or "(none recognised)"
-        tail = "\n".join(self.tail)
+        errors = "\n".join(list(self.errors)) or "(none recognised)"
+        tail = "\n".join(list(self.tail))
         return f"Errors the ranks printed:\n{errors}\nLast output:\n{tail}"
 
 
 def _report_epochs(config: TrainConfig, progress: ProgressCallback | None, reported: int) -> int:
-    """Hand the epochs rank 0 has recorded since the last call to ``progress``."""
+    """Hand the epochs rank 0 has recorded since the last call to ``progress``.
+
+    Progress is a side channel: a store hiccup or a failing callback is logged and retried at
+    the next poll, never allowed to stop a healthy training."""
+    if progress is None:
+        return reported
     uri = storage.join(run_uri(config), "history.parquet")
-    if progress is None or not storage.exists(uri):
-        return reported
     try:
+        if not storage.exists(uri):
+            return reported
         history = storage.read_parquet(uri)
-    except (OSError, ValueError):  # replaced mid-read on a store without atomic rename
-        return reported
-    for record in history.iloc[reported:].to_dict("records"):
-        progress({**record, "epochs": config.epochs, "run_id": config.resolved_run_id})
-    return max(reported, len(history))
+        for record in history.iloc[reported:].to_dict("records"):
+            progress({**record, "epochs": config.epochs, "run_id": config.resolved_run_id})
+            reported += 1
+    except Exception as exc:  # see the docstring
+        log.warning("%s: progress not reported this time (%s)", config.resolved_run_id, exc)
+    return reported
+
+
+# Looked up here, not in the child: between fork and exec a child of a threaded process may only
+# make async-signal-safe calls, and prctl(2) is one while dlopen/dlsym are not.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGTERM this process when its parent dies (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -43,6 +43,9 @@ class SlotPlan(BaseModel):
     processes: int = Field(ge=1, description="processes per training (DDP ranks when > 1)")
     threads: int = Field(ge=1, description="torch threads per process")
     lock_dir: str
+    idle: list[str] = Field(
+        default_factory=list, description="visible GPUs left out of every group (the remainder)"
+    )
 
 
 @dataclass(frozen=True)
@@ -81,13 +84,6 @@ def plan_slots(jobs: int, max_parallel: int | None = None, gpus_per_training: in
                 f"gpus_per_training={per}, but this machine has {len(ids)} visible GPU(s) "
                 f"({', '.join(ids)}); lower gpus_per_training or run on a bigger node"
             )
-        if len(ids) % per:
-            log.warning(
-                "%d GPUs in groups of %d: GPU(s) %s stay idle",
-                len(ids),
-                per,
-                ", ".join(ids[len(ids) - len(ids) % per :]),
-            )
         groups = [ids[i : i + per] for i in range(0, len(ids) - per + 1, per)]
         groups = groups[: max_parallel or len(groups)]
         return SlotPlan(
@@ -96,6 +92,7 @@ def plan_slots(jobs: int, max_parallel: int | None = None, gpus_per_training: in
             processes=per,
             threads=max(1, cores // (len(groups) * per)),
             lock_dir=lock_dir,
+            idle=ids[len(ids) - len(ids) % per :] if len(ids) % per else [],
         )
     n = max(1, min(jobs, cores // per, max_parallel or cores))
     return SlotPlan(

@@ -228,6 +228,7 @@ def train_flow(
     if (scheme == "patient-kfold") != (folds is not None):
         raise ValueError("folds is required with scheme 'patient-kfold' and only valid with it")
     check_batch_size(batch_size, World(size=gpus_per_training))
+    plan_slots(1, max_parallel, gpus_per_training)  # more GPUs than the node has: refused now
     if source is not None:
         ingest_flow(source=source, root=root, cache_size=image_size)
     ensure_split(root, scheme, seed)
@@ -266,6 +267,13 @@ def train_flow(
             plan.processes,
             plan.threads,
         )
+        if plan.idle:
+            logger.warning(
+                "GPU(s) %s stay idle: %d visible GPUs do not divide into groups of %d",
+                ", ".join(plan.idle),
+                len(plan.idle) + len(plan.slots) * plan.processes,
+                plan.processes,
+            )
         trained, failures = _fan_out(todo, plan, retries)
         outcomes += trained
     for outcome in outcomes:

@@ -77,12 +77,10 @@ def history(root: str, run_id: str) -> pd.DataFrame:
     return pd.read_parquet(Path(root) / "runs" / run_id / "history.parquet")
 
 
-@pytest.fixture(scope="module")
-def ddp_launch(tiny_root) -> dict:
-    """One uninterrupted 2-process run launched as the flow launches it (torchrun ... dala train
-    --config), with its progress reports; the reference for the comparisons below."""
-    config = TrainConfig(
-        root=tiny_root,
+def ddp_config(root: str) -> TrainConfig:
+    """The reference 2-process run's config: the CLI flags of ``train_args`` as a TrainConfig."""
+    return TrainConfig(
+        root=root,
         magnification=MAG,
         epochs=EPOCHS,
         batch_size=8,
@@ -90,8 +88,14 @@ def ddp_launch(tiny_root) -> dict:
         image_size=SIZE,
         run_id="ddp",
     )
+
+
+@pytest.fixture(scope="module")
+def ddp_launch(tiny_root) -> dict:
+    """One uninterrupted 2-process run launched as the flow launches it (torchrun ... dala train
+    --config), with its progress reports; the reference for the comparisons below."""
     reports: list[dict] = []
-    result = launch_training(config, 2, progress=reports.append)
+    result = launch_training(ddp_config(tiny_root), 2, progress=reports.append)
     return {"result": result, "reports": reports}
 
 
@@ -107,6 +111,11 @@ def test_launcher_returns_the_result_and_reports_every_epoch(tiny_root, ddp_laun
     assert result.metrics == summary["metrics"] and summary["processes"] == 2
     assert [r["epoch"] for r in reports] == list(range(EPOCHS))
     assert all(r["epochs"] == EPOCHS and r["run_id"] == "ddp" for r in reports)
+
+
+def test_launching_a_complete_run_again_skips_it(tiny_root, ddp_launch):
+    again = launch_training(ddp_config(tiny_root), 2)
+    assert again.status == "skipped" and again.metrics == ddp_launch["result"].metrics
 
 
 def test_launcher_failure_names_the_cause_from_the_ranks_output(tiny_root):

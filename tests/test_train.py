@@ -244,6 +244,10 @@ def test_cli_config_file_reproduces_a_recorded_run_and_flags_override_it(tmp_pat
         parser.parse_args(["train", "--config", str(run_file), "--epochs", "2", "--resume"])
     )
     assert overridden == recorded.model_copy(update={"epochs": 2, "resume": True})
+    resumable = tmp_path / "resumable.json"  # a flag can also switch a file's True off
+    resumable.write_text(json.dumps({**recorded.model_dump(mode="json"), "resume": True}))
+    args = parser.parse_args(["train", "--config", str(resumable), "--no-resume", "--no-cache"])
+    assert config_from_args(args) == recorded.model_copy(update={"use_cache": False})
     plain = tmp_path / "plain.json"
     plain.write_text(json.dumps({**recorded.model_dump(mode="json"), "colour": "red"}))
     with pytest.raises(UsageError, match="--colour: Extra inputs are not permitted"):

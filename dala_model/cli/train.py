@@ -44,13 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--monitor", help="val_accuracy (default) | val_gmean | val_loss")
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument("--precision", help="auto (bf16 on CUDA; default) | bf16 | fp32")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     p.add_argument(
-        "--no-cache",
+        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model"
+    )
+    p.add_argument(
+        "--cache",
         dest="use_cache",
-        action="store_false",
-        default=None,
-        help="decode PNGs instead of reading the decoded cache (slow)",
+        action=argparse.BooleanOptionalAction,
+        help="read the decoded cache (default); --no-cache decodes the PNGs instead (slow)",
     )
     p.add_argument(
         "--pretrained",
@@ -63,8 +64,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--resume",
-        action="store_true",
-        default=None,
+        action=argparse.BooleanOptionalAction,
         help="continue an interrupted run from its last epoch",
     )
     p.set_defaults(func=run)
