@@ -239,6 +239,50 @@ def test_killing_one_rank_fails_the_job_and_resume_completes_it(tiny_root, ddp_r
     np.testing.assert_allclose(a["val_loss"], b["val_loss"], rtol=1e-4)
 
 
+def test_killing_the_launching_process_stops_its_ranks(tiny_root, tmp_path):
+    """A SIGKILLed Prefect worker must not leave ranks running (and holding GPUs): the agent
+    gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and stops them."""
+    script = tmp_path / "launch.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            from dala_model.config import TrainConfig
+            from dala_model.launcher import launch_training
+
+            launch_training(
+                TrainConfig(root={tiny_root!r}, magnification={MAG}, epochs=50, batch_size=8,
+                            image_size={SIZE}, run_id="orphans"),
+                2,
+            )
+            """
+        )
+    )
+    launcher = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    ranks: list[psutil.Process] = []
+    while len(ranks) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.2)
+        family = psutil.Process(launcher.pid).children(recursive=True)
+        ranks = [p for p in family if _environ(p).get("RANK") is not None]
+    assert len(ranks) == 2, "torchrun did not start two ranks"
+    agent = psutil.Process(launcher.pid).children()[0]
+    launcher.kill()
+    launcher.wait()
+    # With the signal they stop within seconds; without it they would run on until a write to
+    # the dead pipe failed (about a minute here), so 40 s tells the two apart.
+    gone, alive = psutil.wait_procs([agent, *ranks], timeout=40)
+    for process in alive:
+        process.kill()  # leave nothing behind for the rest of the suite
+    assert not alive, f"still running 40 s after the launcher died: {alive}"
+
+
+def _environ(process: psutil.Process) -> dict[str, str]:
+    try:
+        return process.environ()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return {}
+
+
 def test_shards_partition_each_global_batch():
     batch = np.arange(11)
     parts = [shard(batch, World(rank=r, size=3)) for r in range(3)]
