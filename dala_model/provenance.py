@@ -13,25 +13,19 @@ import dala_model
 
 def code_version() -> str:
     """The git commit of the checkout (with ``+dirty`` for local edits), else the package version."""
-    repo = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
+        sha = _git("rev-parse", "--short=12", "HEAD")
+        dirty = _git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return dala_model.__version__
     return f"{dala_model.__version__}+g{sha}{'.dirty' if dirty else ''}"
+
+
+def _git(*args: str) -> str:
+    repo = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        ["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=5, check=True
+    ).stdout.strip()
 
 
 def environment(device: torch.device | None = None) -> dict[str, str | int]:

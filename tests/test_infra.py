@@ -168,16 +168,7 @@ def _prefect(env: dict, *args: str) -> None:
 
 @pytest.mark.slow
 def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server):
-    _prefect(
-        prefect_server,
-        "work-pool",
-        "create",
-        "dala-gpu",
-        "--type",
-        "kubernetes",
-        "--base-job-template",
-        str(TEMPLATE),
-    )
+    _create_gpu_pool(prefect_server)
     with _api(prefect_server):
         manifest = asyncio.run(_render_job(gpu_count=2))
     container = manifest["spec"]["template"]["spec"]["containers"][0]
@@ -202,6 +193,21 @@ def test_base_job_template_registers_and_renders_a_valid_gpu_job(prefect_server)
     }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, KUBERNETES_VERSION, strict=True)
+
+
+def _create_gpu_pool(server_env: dict) -> None:
+    """The Kubernetes pool from our base job template, as docs/SCALING.md creates it."""
+    _prefect(
+        server_env,
+        "work-pool",
+        "create",
+        "dala-gpu",
+        "--type",
+        "kubernetes",
+        "--base-job-template",
+        str(TEMPLATE),
+        "--overwrite",
+    )
 
 
 def _api(server_env: dict):
@@ -234,17 +240,7 @@ async def _render_job(gpu_count: int) -> dict:
 def test_every_deployment_registers_against_its_pool(prefect_server):
     """Both prefect files deployed as an operator runs them, against both pools of a real server."""
     _prefect(prefect_server, "work-pool", "create", "dala-process", "--type", "process")
-    _prefect(
-        prefect_server,
-        "work-pool",
-        "create",
-        "dala-gpu",
-        "--type",
-        "kubernetes",
-        "--base-job-template",
-        str(TEMPLATE),
-        "--overwrite",
-    )
+    _create_gpu_pool(prefect_server)
     env = {
         **prefect_server,
         "DALA_ROOT": "s3://bucket/breakhis",
