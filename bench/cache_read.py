@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from bench.harness import Goal, entry, median, rates, repeat
-from dala_model import cache
+from dala_model.data import cache
 
 
 def decode_resize(path: str, size: int) -> np.ndarray:

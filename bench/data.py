@@ -1,4 +1,4 @@
-"""Benchmark data: synthetic BreakHis PNGs (``dala_model.synth``) ingested into a local root.
+"""Benchmark data: synthetic BreakHis PNGs (``dala_model.data.synth``) ingested into a local root.
 
 Synthetic images have the real archive's size (700x460), layout and PNG encoding, so decode and
 ingest costs are realistic, and any number of them can be made without downloads. Generation runs
@@ -14,8 +14,8 @@ import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from dala_model import synth
-from dala_model.breakhis import MAGNIFICATIONS
+from dala_model.data import synth
+from dala_model.data.breakhis import MAGNIFICATIONS
 
 IMAGES_PER_PATIENT = 5
 

@@ -2,16 +2,16 @@
 
 ``python -m bench.gpu [--out bench/results/gpu.json] [--smoke] [--budget-s 420]``
 
-1. Data: ``dala_model.synth`` renders patients x 4 magnifications x images (in parallel
+1. Data: ``dala_model.data.synth`` renders patients x 4 magnifications x images (in parallel
    processes); only 40X is kept (about 2,050 images, the paper's 1,995), ingested into a local
    root with its 224px cache, and split with the paper's image-level 60/10/30 scheme.
-2. Training images/s of the engine's own epoch function (``dala_model.train._train_epoch``, data
+2. Training images/s of the engine's own epoch function (``dala_model.engine.train._train_epoch``, data
    already on the GPU as uint8): the reference is fp32 + NCHW at the paper's batch 32; ours is
    bf16 autocast + channels_last at batch 32 and the other batch sizes, then ``torch.compile`` at
    batch 32 and at the fastest batch.
 3. Inference images/s of ``predict_logits``: fp32 NCHW batch 32 vs bf16 channels_last at larger
    batches (and compiled).
-4. The paper's protocol on one magnification through the real ``dala_model.train.train()``: 50
+4. The paper's protocol on one magnification through the real ``dala_model.engine.train.train()``: 50
    epochs of training + validation, then the test evaluation, timed end to end.
 
 Every phase records peak GPU memory (``torch.cuda.max_memory_allocated``) and GPU utilisation
@@ -44,14 +44,14 @@ from bench.data import keep_magnification, synthesize, total_bytes
 from bench.harness import Goal, entry, machine_info, median, now, rates, repeat, write_json
 from bench.train_cpu import engine_epoch_fn
 from dala_model import storage
-from dala_model.config import TrainConfig
-from dala_model.dataset import load_split
+from dala_model.data.dataset import load_split
+from dala_model.data.ingest import ingest
+from dala_model.data.splits import make_split
 from dala_model.device import resolve_precision
-from dala_model.inference import predict_logits
-from dala_model.ingest import ingest
-from dala_model.models import build_model
-from dala_model.splits import make_split
-from dala_model.train import train
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.inference import predict_logits
+from dala_model.engine.train import train
+from dala_model.models.registry import build_model
 
 DEFAULT_OUT = str(Path(__file__).resolve().parent / "results" / "gpu.json")
 MODEL = "dalaresnet50"
@@ -365,13 +365,13 @@ def summarise(run: Run) -> None:
         (
             "train",
             GOALS["train"],
-            "one epoch of dala_model.train._train_epoch "
+            "one epoch of dala_model.engine.train._train_epoch "
             "(uint8 data on the device, batch normalise + BatchAugment, Adam)",
         ),
         (
             "infer",
             GOALS["infer"],
-            "dala_model.inference.predict_logits on uint8 images already on the device",
+            "dala_model.engine.inference.predict_logits on uint8 images already on the device",
         ),
     ):
         reference = run.payload["variants"].get(f"{task}/fp32-nchw/eager/b{paper_batch}")
@@ -459,7 +459,7 @@ def protocol_phase(run: Run, root: str, data: dict, compile_model: bool) -> None
             ratio_means="paper's seconds / ours (speed-up)",
             goal=Goal("ours", high=GOALS["protocol_s"]),
             settings={
-                "path": "dala_model.train.train(TrainConfig) end to end: load split from the cache, "
+                "path": "dala_model.engine.train.train(TrainConfig) end to end: load split from the cache, "
                 "epochs of train + validation, checkpoint each epoch, test evaluation",
                 "config": config.model_dump(mode="json"),
                 "split_sizes": {k: len(v) for k, v in data.items()},

@@ -1,4 +1,4 @@
-"""infer-cpu and scaling: batched inference (``dala_model.inference.predict_logits``) on the CPU.
+"""infer-cpu and scaling: batched inference (``dala_model.engine.inference.predict_logits``) on the CPU.
 
 infer-cpu compares our batched path (uint8 batches normalised in one op, ``inference_mode``, under
 each candidate precision x memory format; the fastest counts) with the naive per-image fp32 eager
@@ -21,9 +21,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench.harness import Goal, entry, median, rates, repeat
 from dala_model.device import resolve_precision
-from dala_model.inference import predict_logits
-from dala_model.models import build_model
-from dala_model.transforms import eval_transform
+from dala_model.engine.inference import predict_logits
+from dala_model.models.registry import build_model
+from dala_model.models.transforms import eval_transform
 
 MODEL = "dalaresnet50"
 VARIANTS = {
@@ -117,7 +117,7 @@ def run(
             "warmup": 1,
             "threads": cores,
             "ours": best,
-            "ours_path": "dala_model.inference.predict_logits (inference_mode, batched)",
+            "ours_path": "dala_model.engine.inference.predict_logits (inference_mode, batched)",
             "reference": "per-image loop: eval_transform + model(x[None]) under no_grad, fp32, NCHW",
         },
         reps={"ours": per_variant[best], "reference": ref_rates},
@@ -154,7 +154,7 @@ def run(
             "reps": scaling_reps,
             "warmup": 1,
             "ours": best,
-            "path": "dala_model.inference.predict_logits",
+            "path": "dala_model.engine.inference.predict_logits",
         },
         reps={f"seconds_at_{c}": times[c] for c in counts},
         extra={"median_seconds": dict(zip(map(str, counts), medians, strict=True))},

@@ -1,4 +1,4 @@
-"""ingest: ``dala_model.ingest.ingest`` from an S3 endpoint (moto on 127.0.0.1) vs decode-only.
+"""ingest: ``dala_model.data.ingest.ingest`` from an S3 endpoint (moto on 127.0.0.1) vs decode-only.
 
 The reference is the practical limit of any ingest: decoding the same PNGs (already in memory)
 with the same number of threads and nothing else (no reads, hashing, verification, resizing,
@@ -130,7 +130,7 @@ def run(
         "source": "s3 (moto ThreadedMotoServer on 127.0.0.1) via s3fs",
         "root": "local folder",
         "cache_size": 224,
-        "ours": "dala_model.ingest.ingest in a fresh subprocess: list, read, sha256, verify, "
+        "ours": "dala_model.data.ingest.ingest in a fresh subprocess: list, read, sha256, verify, "
         "decode, resize, cache shards, manifests",
         "reference": f"PIL decode (Image.load) of the same PNGs from memory, {workers} threads",
         "warmup": "none for ours (each rep a fresh process and root); 1 for the reference",
@@ -199,7 +199,7 @@ def _peak_rss_mb() -> float:
 def _child(source: str, root: str, workers: int) -> None:
     import time
 
-    from dala_model.ingest import ingest
+    from dala_model.data.ingest import ingest
 
     baseline = _peak_rss_mb()
     started = time.perf_counter()

@@ -26,9 +26,9 @@ import numpy as np
 from bench import cache_read, infer_cpu, ingest, train_cpu
 from bench.data import fresh_dir, patients_for_images, synthesize, total_bytes
 from bench.harness import add_size_flags, apply_size_flags, machine_info, now, write_json
-from dala_model import cache
-from dala_model.ingest import ingest as ingest_images
-from dala_model.manifest import read_manifest
+from dala_model.data import _pool, cache
+from dala_model.data.ingest import ingest as ingest_images
+from dala_model.data.manifest import read_manifest
 
 DEFAULT_OUT = str(Path(__file__).resolve().parent / "results" / "latest.json")
 
@@ -136,7 +136,7 @@ def bench_ingest(ws: Workspace) -> list[dict[str, Any]]:
         ws.work / "png",
         fresh_dir(ws.work / "ingest"),
         reps=ws.sizes.reps,
-        workers=cache.default_workers(),
+        workers=_pool.default_workers(),
     )
     results[0]["settings"]["synthetic_png_mb_total"] = round(total_bytes(large) / 1e6, 1)
     return results

@@ -1,6 +1,6 @@
 """train-cpu: training images/s of dalaresnet50 at 224, our CPU path vs the naive paper pipeline.
 
-Ours is the training engine's own epoch function (``dala_model.train._train_epoch``: pixels from the
+Ours is the training engine's own epoch function (``dala_model.engine.train._train_epoch``: pixels from the
 decoded cache as one uint8 array, batches gathered by index, normalised and augmented as a batch)
 under each candidate setting (precision x memory format); the fastest is "ours" and every one is
 reported, which is what justifies bf16 (or not) on a CPU. fp32-nchw is left out by default to keep
@@ -21,12 +21,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from bench.harness import Goal, entry, median, rates, repeat
-from dala_model import train as engine
-from dala_model.config import TrainConfig
 from dala_model.device import resolve_precision
-from dala_model.distributed import World
-from dala_model.models import build_model
-from dala_model.transforms import BatchAugment, train_transform
+from dala_model.engine import train as engine
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.distributed import World
+from dala_model.models.registry import build_model
+from dala_model.models.transforms import BatchAugment, train_transform
 
 MODEL = "dalaresnet50"
 VARIANTS = {
@@ -164,7 +164,7 @@ def run(
             "warmup": "1 epoch",
             "threads": torch.get_num_threads(),
             "ours": best,
-            "ours_path": "cached uint8 pixels -> dala_model.train._train_epoch (batch normalise + "
+            "ours_path": "cached uint8 pixels -> dala_model.engine.train._train_epoch (batch normalise + "
             "BatchAugment, Adam)",
             "reference": "PIL decode + torchvision train_transform per image in a default "
             "DataLoader, fp32, NCHW",

@@ -9,11 +9,11 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "build_model": "dala_model.models",
-    "get_model_spec": "dala_model.models",
-    "list_models": "dala_model.models",
-    "load_model": "dala_model.checkpoint",
-    "save_model": "dala_model.checkpoint",
+    "build_model": "dala_model.models.registry",
+    "get_model_spec": "dala_model.models.registry",
+    "list_models": "dala_model.models.registry",
+    "load_model": "dala_model.models.checkpoint",
+    "save_model": "dala_model.models.checkpoint",
 }
 __all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"

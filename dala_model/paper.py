@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dala_model.breakhis import MAGNIFICATIONS
+from dala_model.data.breakhis import MAGNIFICATIONS
 
 PAPER_CITATION = (
     "Liu, Achuthan et al., Dual-Activated Lightweight Attention ResNet50 for Automatic "

@@ -1,6 +1,6 @@
 """`batch-inference`: [ingest new images ->] score them with each magnification's current model.
 
-Incremental and idempotent by construction of ``dala_model.predictions`` (see its docstring):
+Incremental and idempotent by construction of ``dala_model.serving.predictions`` (see its docstring):
 only images without a prediction from the same model version are scored, and part files are
 keyed by their content, so reruns and retries never add a row twice.
 """
@@ -14,9 +14,10 @@ from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
-from dala_model import predictions, registry, storage
-from dala_model.config import MAGNIFICATIONS
-from dala_model.ingest import canonical_source, manifest_source
+from dala_model import storage
+from dala_model.data.ingest import canonical_source, manifest_source
+from dala_model.engine.config import MAGNIFICATIONS
+from dala_model.serving import predictions, promotion
 from flows.ingest import IO_RETRIES, ingest_flow
 
 
@@ -69,7 +70,7 @@ def inference_flow(
                 "another source under their own root"
             )
         ingest_flow(source=source, root=root)
-    serving = {r["magnification"]: r for r in registry.list_current(root) if r["model"] == model}
+    serving = {r["magnification"]: r for r in promotion.list_current(root) if r["model"] == model}
     wanted = magnifications or sorted(serving)
     unknown = sorted(set(wanted) - set(MAGNIFICATIONS))
     if unknown:

@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.tasks import exponential_backoff
 from pydantic import Field
 
-from dala_model import ingest as ingest_lib
 from dala_model import storage
+from dala_model.data import ingest as ingest_lib
 
 # Object-store reads and writes fail transiently (throttling, dropped connections); ingest is
 # incremental and its writes atomic, so retrying the whole call is safe and cheap.

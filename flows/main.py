@@ -21,8 +21,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from dala_model import registry, storage, synth
-from dala_model.predictions import predictions_uri
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.serving import promotion
+from dala_model.serving.predictions import predictions_uri
 
 
 class Profile(BaseModel):
@@ -103,7 +105,7 @@ def _run(
     )
     if not state.is_completed():
         print(f"train-breakhis ended {state.name}: {state.message}", file=sys.stderr)
-    if not registry.list_current(root):
+    if not promotion.list_current(root):
         print("no model was promoted, so there is nothing to score", file=sys.stderr)
         return 1
     scored = inference_flow(root=root)  # every magnification with a current model

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from dala_model import storage
-from dala_model.report import build_report
+from dala_model.report.build import build_report
 from flows.ingest import IO_RETRIES
 
 

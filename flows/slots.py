@@ -10,7 +10,7 @@ machine (a schedule and a manual run, two workers sharing a box, even with diffe
 A slot pins its worker to its GPUs through ``CUDA_VISIBLE_DEVICES``, set before the worker
 touches CUDA. With one GPU per training the training runs in the worker and sees its GPU as
 ``cuda:0``; with several, the worker launches a ``torchrun`` job whose ranks take one GPU each
-(``dala_model.launcher``). A CPU slot gets an equal share of the cores as torch threads, split
+(``dala_model.engine.launcher``). A CPU slot gets an equal share of the cores as torch threads, split
 among its processes, so parallel trainings do not oversubscribe the CPU.
 """
 

@@ -24,13 +24,15 @@ from prefect.artifacts import (
 from prefect.task_runners import ProcessPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from dala_model import cache, registry, splits, storage
-from dala_model.config import MAGNIFICATIONS, TrainConfig
-from dala_model.distributed import World, check_batch_size
-from dala_model.launcher import launch_training
-from dala_model.manifest import manifest_version, read_manifest
+from dala_model import storage
+from dala_model.data import cache, splits
+from dala_model.data.manifest import manifest_version, read_manifest
+from dala_model.engine.config import MAGNIFICATIONS, TrainConfig
+from dala_model.engine.distributed import World, check_batch_size
+from dala_model.engine.launcher import launch_training
+from dala_model.engine.train import RunConflict, completed_summary, run_uri, train
 from dala_model.paper import PAPER_RESULTS, paper_name
-from dala_model.train import RunConflict, completed_summary, run_uri, train
+from dala_model.serving import promotion
 from flows.ingest import IO_RETRIES, ingest_flow
 from flows.report import publish_report, report_task
 from flows.slots import SlotPlan, claim_slot, pin_process, plan_slots
@@ -178,11 +180,11 @@ def _outcome(
 
 @task(name="promote", **IO_RETRIES)
 def promote_task(root: str, run_uri: str) -> dict:
-    promotion = registry.promote(root, run_uri, reason="train-breakhis: new best on validation")
+    outcome = promotion.promote(root, run_uri, reason="train-breakhis: new best on validation")
     return {
-        "promoted": promotion.promoted,
-        "reason": promotion.reason,
-        "model_version": promotion.record.get("model_version"),
+        "promoted": outcome.promoted,
+        "reason": outcome.reason,
+        "model_version": outcome.record.get("model_version"),
     }
 
 
@@ -277,12 +279,12 @@ def train_flow(
         trained, failures = _fan_out(todo, plan, retries)
         outcomes += trained
     for outcome in outcomes:
-        promotion = promote_task(root, outcome.run_uri)
+        promoted = promote_task(root, outcome.run_uri)
         logger.info(
             "%s: %s (%s)",
             outcome.run_id,
             outcome.status,
-            "promoted" if promotion["promoted"] else promotion["reason"],
+            "promoted" if promoted["promoted"] else promoted["reason"],
         )
         _publish_run_table(outcome)
     publish_report(report_task(root), root)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dala_model.breakhis import MAGNIFICATIONS, SUBTYPES, UnparseableName, parse_breakhis_path
+from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, UnparseableName, parse_breakhis_path
 
 
 @pytest.mark.parametrize("magnification", MAGNIFICATIONS)

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from dala_model import storage
-from dala_model.cache import (
+from dala_model.data.cache import (
     build_cache,
     cache_uri,
     load_images,
@@ -17,8 +17,8 @@ from dala_model.cache import (
     read_index,
     resize,
 )
-from dala_model.ingest import ingest
-from dala_model.manifest import read_manifest
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import read_manifest
 
 
 def _write_images(source: str, names: list[str], seed: int) -> None:

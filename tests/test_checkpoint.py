@@ -13,8 +13,13 @@ import torch
 import torchvision.models as tvm
 
 from dala_model import storage
-from dala_model.checkpoint import InvalidCheckpoint, load_model, read_model_config, save_model
-from dala_model.models import build_model
+from dala_model.models.checkpoint import (
+    InvalidCheckpoint,
+    load_model,
+    read_model_config,
+    save_model,
+)
+from dala_model.models.registry import build_model
 
 
 def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -19,20 +19,21 @@ import psutil
 import pytest
 import torch
 
-from dala_model import cache, storage
-from dala_model.config import TrainConfig
-from dala_model.distributed import (
+from dala_model import storage
+from dala_model.data import cache
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
+from dala_model.data.splits import make_split
+from dala_model.data.synth import generate
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.distributed import (
     World,
     check_batch_size,
     ingest_distributed,
     ingest_partitions,
     shard,
 )
-from dala_model.ingest import ingest
-from dala_model.launcher import DistributedTrainingFailed, launch_training
-from dala_model.manifest import duplicates_uri, quarantine_uri, read_manifest
-from dala_model.splits import make_split
-from dala_model.synth import generate
+from dala_model.engine.launcher import DistributedTrainingFailed, launch_training
 
 SIZE = 32
 MAG = 40
@@ -167,7 +168,7 @@ def test_one_ddp_step_equals_one_full_batch_step(tmp_path):
         textwrap.dedent(
             f"""
             import numpy as np, torch, torch.distributed as dist
-            from dala_model import distributed
+            from dala_model.engine import distributed
 
             job = distributed.world()
             distributed.start(job, torch.device("cpu"))
@@ -246,8 +247,8 @@ def test_killing_the_launching_process_stops_its_ranks(tiny_root, tmp_path):
     script.write_text(
         textwrap.dedent(
             f"""
-            from dala_model.config import TrainConfig
-            from dala_model.launcher import launch_training
+            from dala_model.engine.config import TrainConfig
+            from dala_model.engine.launcher import launch_training
 
             launch_training(
                 TrainConfig(root={tiny_root!r}, magnification={MAG}, epochs=50, batch_size=8,

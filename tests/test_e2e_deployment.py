@@ -20,10 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dala_model import registry, storage, synth
-from dala_model.checkpoint import load_model
-from dala_model.manifest import read_manifest
-from dala_model.predictions import read_predictions
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.data.manifest import read_manifest
+from dala_model.models.checkpoint import load_model
+from dala_model.serving import promotion
+from dala_model.serving.predictions import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -173,7 +175,7 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
             "image_size=32",
             timeout=450,
         )
-        engine_logs = api_logs(env["PREFECT_API_URL"], "dala_model.train", "epoch")
+        engine_logs = api_logs(env["PREFECT_API_URL"], "dala_model.engine.train", "epoch")
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
         first = read_predictions(root, "dalaresnet50", dedupe=False)
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
@@ -190,7 +192,7 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
     manifest = read_manifest(root)
     assert len(manifest) == count and manifest["uri"].str.startswith(source).all()
     for mag in MAGS:
-        record = registry.current(root, "dalaresnet50", mag)
+        record = promotion.current(root, "dalaresnet50", mag)
         assert record["run_id"] == f"dalaresnet50-{mag}x-patient-seed0" and record["data_version"]
         model = load_model(record["checkpoint_uri"])
         assert sum(p.numel() for p in model.parameters()) == 25_611_842

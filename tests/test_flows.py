@@ -23,9 +23,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.testing.utilities import prefect_test_harness
 
-from dala_model import registry, storage, synth
-from dala_model.config import TrainConfig
-from dala_model.predictions import predictions_uri, read_predictions
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.engine.config import TrainConfig
+from dala_model.serving import promotion
+from dala_model.serving.predictions import predictions_uri, read_predictions
 from flows.inference import inference_flow
 from flows.report import report_flow
 from flows.train import train_flow
@@ -138,7 +140,7 @@ def test_failed_magnification_is_retried_reported_and_isolated(pipeline):
     assert broken.state.is_failed() and broken.run_count == 2  # first try + one retry
     for mag in MAGS[:3]:
         assert (
-            registry.current(root, "dalaresnet50", mag)["run_id"]
+            promotion.current(root, "dalaresnet50", mag)["run_id"]
             == f"dalaresnet50-{mag}x-patient-seed0"
         )
     assert storage.exists(f"{root}/reports/report.html")  # built from the runs that succeeded
@@ -154,9 +156,9 @@ def test_rerun_completes_only_the_missing_magnification(pipeline):
             storage.read_bytes(f"{root}/runs/dalaresnet50-{mag}x-patient-seed0/run.json")
         )
         assert summary["finished_at"] == finished
-    assert registry.current(root, "dalaresnet50", 400) is not None
+    assert promotion.current(root, "dalaresnet50", 400) is not None
     # The ranks' output reaches the run's logs through the launcher, epoch lines included.
-    launched = [m for name, m in pipeline["rerun_logs"] if name == "dala_model.launcher"]
+    launched = [m for name, m in pipeline["rerun_logs"] if name == "dala_model.engine.launcher"]
     assert any("launching 2 ranks with torchrun" in m for m in launched)
     assert any("dalaresnet50-400x-patient-seed0 epoch 1/1" in m for m in launched)
     (trained,) = [o for o in rerun.result() if o.status == "complete"]
@@ -181,7 +183,7 @@ def test_batch_inference_is_incremental(pipeline):
     for r in first:
         assert (
             r["model_version"]
-            == registry.current(root, "dalaresnet50", r["magnification"])["model_version"]
+            == promotion.current(root, "dalaresnet50", r["magnification"])["model_version"]
         )
     assert storage.exists(predictions_uri(root, "dalaresnet50"))
 

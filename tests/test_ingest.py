@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from dala_model import storage
-from dala_model.breakhis import parse_breakhis_path
-from dala_model.cache import load_images, missing_from_cache, resize
-from dala_model.ingest import ingest
-from dala_model.manifest import MANIFEST_SCHEMA, manifest_version, read_manifest
-from dala_model.synth import generate
+from dala_model.data.breakhis import parse_breakhis_path
+from dala_model.data.cache import load_images, missing_from_cache, resize
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import MANIFEST_SCHEMA, manifest_version, read_manifest
+from dala_model.data.synth import generate
 
 SIZE = (140, 92)
 
@@ -252,7 +252,7 @@ def test_killed_ingest_leaves_no_manifest_and_a_rerun_completes(tmp_path):
     count = generate(str(source), patients=8, images_per_patient=3, seed=5, size=(700, 460))
     code = (
         "import logging, sys; logging.basicConfig(level=logging.INFO);"
-        "from dala_model.ingest import ingest;"
+        "from dala_model.data.ingest import ingest;"
         f"ingest({str(source)!r}, {str(root)!r}, workers=1, cache_size=224)"
     )
     process = subprocess.Popen(

@@ -14,10 +14,10 @@ import torchvision.models as tvm
 from torch import nn
 
 from dala_model import storage
-from dala_model.attention import LightweightAttention
 from dala_model.cli import main as dala
-from dala_model.models import build_model, get_model_spec, list_models, parameter_count
-from dala_model.pretrained import PretrainedWeightsUnavailable
+from dala_model.models.attention import LightweightAttention
+from dala_model.models.pretrained import PretrainedWeightsUnavailable
+from dala_model.models.registry import build_model, get_model_spec, list_models, parameter_count
 
 # Small inputs keep the suite fast; torchvision's ViT-B/16 only accepts its native 224 px.
 FORWARD_SIZE = {

@@ -9,15 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from dala_model import predictions, registry, storage, synth
-from dala_model.checkpoint import load_model
-from dala_model.config import TrainConfig
-from dala_model.dataset import decode_pngs
-from dala_model.inference import predict_proba
-from dala_model.ingest import ingest
-from dala_model.manifest import read_manifest
-from dala_model.splits import make_split
-from dala_model.train import train
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.data.dataset import decode_pngs
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import read_manifest
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.inference import predict_proba
+from dala_model.engine.train import train
+from dala_model.models.checkpoint import load_model
+from dala_model.serving import predictions, promotion
 
 COLUMNS = {
     "image_id",
@@ -59,7 +61,7 @@ def served_root(storage_root, trained_root) -> str:
             storage.write_bytes_atomic(
                 storage.join(storage_root, file[len(trained_root) + 1 :]), local.cat_file(file)
             )
-    registry.promote(
+    promotion.promote(
         storage_root, storage.join(storage_root, "runs", "dalaresnet50-40x-patient-seed0")
     )
     return storage_root
@@ -75,7 +77,7 @@ def raw_rows(root: str) -> int:
 def test_scores_once_per_model_version(served_root):
     manifest = read_manifest(served_root)
     at40 = manifest[manifest["magnification"] == 40].sort_values("image_id")
-    record = registry.current(served_root, "dalaresnet50", 40)
+    record = promotion.current(served_root, "dalaresnet50", 40)
 
     first = predictions.score_magnification(
         served_root, "dalaresnet50", 40, flow_run_id="run-a", chunk_size=5

@@ -8,14 +8,16 @@ import json
 import fsspec
 import pytest
 
-from dala_model import registry, storage, synth
-from dala_model.checkpoint import read_model_config
+from dala_model import storage
 from dala_model.cli import main as dala
-from dala_model.config import TrainConfig
-from dala_model.ingest import ingest
-from dala_model.manifest import manifest_version
-from dala_model.splits import make_split
-from dala_model.train import train
+from dala_model.data import synth
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import manifest_version
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.train import train
+from dala_model.models.checkpoint import read_model_config
+from dala_model.serving import promotion
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def copy_runs(trained: dict, target: str) -> dict[str, str]:
 
 def ranked(runs: dict[str, str]) -> tuple[str, str]:
     scores = {
-        uri: registry.ranking_score(json.loads(storage.read_bytes(storage.join(uri, "run.json"))))
+        uri: promotion.ranking_score(json.loads(storage.read_bytes(storage.join(uri, "run.json"))))
         for uri in runs.values()
     }
     worse, better = sorted(scores, key=scores.get)
@@ -70,11 +72,11 @@ def ranked(runs: dict[str, str]) -> tuple[str, str]:
 def test_promotes_first_then_only_better_runs(storage_root, trained):
     runs = copy_runs(trained, storage_root)
     worse, better = ranked(runs)
-    assert registry.current(storage_root, "dalaresnet50", 40) is None
+    assert promotion.current(storage_root, "dalaresnet50", 40) is None
 
-    first = registry.promote(storage_root, worse)
+    first = promotion.promote(storage_root, worse)
     assert first.promoted and first.previous is None
-    record = registry.current(storage_root, "dalaresnet50", 40)
+    record = promotion.current(storage_root, "dalaresnet50", 40)
     best = storage.join(worse, "best")
     weights = storage.read_bytes(storage.join(best, read_model_config(best)["weights_file"]))
     assert record["model_version"] == hashlib.sha256(weights).hexdigest()
@@ -83,22 +85,22 @@ def test_promotes_first_then_only_better_runs(storage_root, trained):
     assert record["code_version"] and record["config"]["monitor"] == "val_loss"
     assert record["metrics"]["test"]["image"]["n"] > 0
 
-    second = registry.promote(storage_root, better)
+    second = promotion.promote(storage_root, better)
     assert second.promoted and second.record["previous_version"] == record["model_version"]
-    assert registry.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
+    assert promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
 
-    again = registry.promote(storage_root, worse)  # does not beat the current one
+    again = promotion.promote(storage_root, worse)  # does not beat the current one
     assert not again.promoted and "does not beat" in again.reason
-    assert registry.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
-    assert not registry.promote(storage_root, better).promoted  # already current
+    assert promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
+    assert not promotion.promote(storage_root, better).promoted  # already current
 
-    pinned = registry.promote(storage_root, worse, force=True)
+    pinned = promotion.promote(storage_root, worse, force=True)
     assert (
-        pinned.promoted and registry.current(storage_root, "dalaresnet50", 40)["run_uri"] == worse
+        pinned.promoted and promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == worse
     )
-    log = registry.promotions(storage_root, "dalaresnet50", 40)
+    log = promotion.promotions(storage_root, "dalaresnet50", 40)
     assert [entry["run_uri"] for entry in log] == [worse, better, worse]
-    assert [r["magnification"] for r in registry.list_current(storage_root)] == [40]
+    assert [r["magnification"] for r in promotion.list_current(storage_root)] == [40]
 
 
 def test_refuses_a_run_without_summary(tmp_path):
@@ -106,7 +108,7 @@ def test_refuses_a_run_without_summary(tmp_path):
     unfinished.mkdir(parents=True)
     (unfinished / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match=r"run\.json does not exist.*--resume"):
-        registry.promote(str(tmp_path / "root"), str(unfinished))
+        promotion.promote(str(tmp_path / "root"), str(unfinished))
 
 
 def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
@@ -114,7 +116,7 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     runs = copy_runs(trained, root)
     worse, better = ranked(runs)
     assert dala(["promote", root, "--model", "dalaresnet50", "--magnification", "40"]) == 0
-    assert registry.current(root, "dalaresnet50", 40)["run_uri"] == better
+    assert promotion.current(root, "dalaresnet50", 40)["run_uri"] == better
     worse_id = worse.rsplit("/", 1)[1]
     assert (
         dala(
@@ -122,7 +124,7 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
         )
         == 0
     )
-    assert registry.current(root, "dalaresnet50", 40)["reason"].startswith("pinned by operator")
+    assert promotion.current(root, "dalaresnet50", 40)["reason"].startswith("pinned by operator")
     capsys.readouterr()
     assert dala(["models", "current", root]) == 0
     out = capsys.readouterr().out
@@ -132,4 +134,4 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     pin_elsewhere = ["--model", "dalaresnet50", "--magnification", "100", "--run", worse_id]
     assert dala(["promote", root, *pin_elsewhere]) == 2
     assert "not --model dalaresnet50 --magnification 100" in capsys.readouterr().err
-    assert registry.current(root, "dalaresnet50", 100) is None
+    assert promotion.current(root, "dalaresnet50", 100) is None

@@ -15,7 +15,7 @@ from PIL import Image
 from dala_model import storage
 from dala_model.cli import main
 from dala_model.metrics import evaluate
-from dala_model.report import build_report
+from dala_model.report.build import build_report
 
 MODELS = {"dalaresnet50": (25_611_842, 0.9), "resnet50": (23_512_130, 0.75)}
 MAGS = (40, 100)

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from dala_model import storage
-from dala_model.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, data_version, manifest_uri
-from dala_model.splits import check_patient_disjoint, make_split, read_split, split_frame
+from dala_model.data.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, data_version, manifest_uri
+from dala_model.data.splits import check_patient_disjoint, make_split, read_split, split_frame
 
 
 def _manifest(patients: int = 30, seed: int = 0) -> pd.DataFrame:

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 
 from dala_model import storage
-from dala_model.breakhis import MAGNIFICATIONS, SUBTYPES, parse_breakhis_path
-from dala_model.synth import generate, patients_for
+from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, parse_breakhis_path
+from dala_model.data.synth import generate, patients_for
 
 
 def test_layout_names_sizes_and_modes(tmp_path):

@@ -21,12 +21,12 @@ from pydantic import ValidationError
 
 from dala_model import load_model, storage
 from dala_model.cli import UsageError
-from dala_model.config import TrainConfig
-from dala_model.inference import predict_proba
-from dala_model.ingest import ingest
-from dala_model.splits import make_split
-from dala_model.synth import generate
-from dala_model.train import RunConflict, epoch_order, train
+from dala_model.data.ingest import ingest
+from dala_model.data.splits import make_split
+from dala_model.data.synth import generate
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.inference import predict_proba
+from dala_model.engine.train import RunConflict, epoch_order, train
 
 SIZE = 64
 MAG = 400
@@ -115,7 +115,7 @@ def test_shuffled_labels_stay_near_chance(synth_root, tmp_path):
 def test_best_model_round_trip_reproduces_test_predictions(learned_run):
     model = load_model(learned_run.best_model_uri)
     predictions = pd.read_parquet(Path(learned_run.run_uri) / "test_predictions.parquet")
-    from dala_model.cache import load_images
+    from dala_model.data.cache import load_images
 
     images = load_images(
         str(Path(learned_run.run_uri).parents[1]), predictions["image_id"].tolist(), SIZE

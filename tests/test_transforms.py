@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from dala_model.transforms import (
+from dala_model.models.transforms import (
     PRESETS,
     ROTATION_DEGREES,
     BatchAugment,

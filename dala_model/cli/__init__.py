@@ -61,7 +61,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         StorageError,
     ]
-    pretrained = sys.modules.get("dala_model.pretrained")
+    pretrained = sys.modules.get("dala_model.models.pretrained")
     if pretrained is not None:
         errors.append(pretrained.PretrainedWeightsUnavailable)
     return tuple(errors)

@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from dala_model.synth import generate
+    from dala_model.data.synth import generate
 
     if args.patients < 2 or args.images_per_patient < 1:
         raise UsageError("--patients must be >= 2 and --images-per-patient >= 1")
@@ -63,7 +63,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _ingest(args: argparse.Namespace) -> int:
-    from dala_model.ingest import ingest
+    from dala_model.data.ingest import ingest
 
     result = ingest(args.source, args.out, workers=args.workers, cache_size=args.cache_size or None)
     print(
@@ -76,7 +76,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _cache(args: argparse.Namespace) -> int:
-    from dala_model.cache import build_cache
+    from dala_model.data.cache import build_cache
 
     added = build_cache(args.root, args.size, workers=args.workers)
     print(f"cached {added} new images at {args.size}px")
@@ -84,7 +84,7 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from dala_model.splits import make_split, read_split
+    from dala_model.data.splits import make_split, read_split
 
     uri = make_split(
         args.root, args.scheme, seed=args.seed, fractions=args.fractions, folds=args.folds

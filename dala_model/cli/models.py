@@ -25,7 +25,7 @@ def current(args: argparse.Namespace) -> int:
 
 def models(args: argparse.Namespace) -> int:
     # Imported here so `dala --help` does not pay for importing torch, torchvision and timm.
-    from dala_model.models import get_model_spec, list_models, parameter_count
+    from dala_model.models.registry import get_model_spec, list_models, parameter_count
 
     header = (
         "model",

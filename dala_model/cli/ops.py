@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def report(args: argparse.Namespace) -> int:
-    from dala_model.report import build_report
+    from dala_model.report.build import build_report
     from dala_model.storage import redact
 
     written = build_report(args.root, out=args.out)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from dala_model import registry, runs, storage
+from dala_model import runs, storage
 from dala_model.cli import UsageError
-from dala_model.config import MAGNIFICATIONS
+from dala_model.engine.config import MAGNIFICATIONS
+from dala_model.serving import promotion
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,12 +43,12 @@ def promote(args: argparse.Namespace) -> int:
                 f"run {args.run_id} is {summary.get('model')} at {summary.get('magnification')}X, "
                 f"not --model {args.model} --magnification {args.magnification}"
             )
-        result = registry.promote(
+        result = promotion.promote(
             args.root, run, force=True, reason="pinned by operator (dala promote --run)"
         )
     else:
         run = _best_run(args.root, args.model, args.magnification)
-        result = registry.promote(args.root, run, reason="dala promote: best complete run")
+        result = promotion.promote(args.root, run, reason="dala promote: best complete run")
     record = result.record
     verb = "promoted" if result.promoted else "kept current"
     print(
@@ -59,7 +60,7 @@ def promote(args: argparse.Namespace) -> int:
 
 def current(args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps(registry.list_current(args.root), indent=2, default=float))
+        print(json.dumps(promotion.list_current(args.root), indent=2, default=float))
         return 0
     print_current(args.root)
     return 0
@@ -67,7 +68,7 @@ def current(args: argparse.Namespace) -> int:
 
 def print_current(root: str) -> None:
     """One line per served (model, magnification): version, run, validation score, data/code version."""
-    records = registry.list_current(root)
+    records = promotion.list_current(root)
     if not records:
         print(
             f"no models promoted under {storage.redact(root)} yet (run train-breakhis or `dala promote`)"
@@ -89,7 +90,7 @@ def _best_run(root: str, model: str, magnification: int) -> str:
     except FileNotFoundError:
         folders = []
     candidates = [
-        (registry.ranking_score(f.summary), f.uri)
+        (promotion.ranking_score(f.summary), f.uri)
         for f in folders
         if f.complete
         and f.summary.get("model") == model

@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dala_model.cli import UsageError
-from dala_model.config import TrainConfig
+from dala_model.engine.config import TrainConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -71,7 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dala_model.train import train
+    from dala_model.engine.train import train
 
     result = train(config_from_args(args))
     print(

@@ -1,6 +1,6 @@
 """Fixtures for the reliability suite: small real datasets, both backends, a faulty S3 path.
 
-Everything here is real: synthetic BreakHis PNGs written by ``dala_model.synth``, the moto S3
+Everything here is real: synthetic BreakHis PNGs written by ``dala_model.data.synth``, the moto S3
 server from ``tests/conftest.py``, and :mod:`tests.reliability.faulty_proxy` in front of it.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import s3fs
 
 from dala_model import storage
-from dala_model.synth import generate
+from dala_model.data.synth import generate
 from tests.reliability.faulty_proxy import FaultyProxy, Schedule
 
 

@@ -1,7 +1,7 @@
 """Every bad input the issue lists, through the real code on real files (local and S3).
 
 Each bad file gets a quarantine row with the right reason (or is accepted, converted, as
-documented in ``dala_model.ingest``), and every good file still lands in the manifest: for every
+documented in ``dala_model.data.ingest``), and every good file still lands in the manifest: for every
 run, each listed image is in exactly one of manifest, quarantine or duplicates (zero rows lost).
 """
 
@@ -19,11 +19,11 @@ from PIL import Image
 from pydantic import ValidationError
 
 from dala_model import storage
-from dala_model.breakhis import IMAGE_SUFFIXES
-from dala_model.config import TrainConfig
-from dala_model.ingest import ingest
-from dala_model.manifest import duplicates_uri, quarantine_uri, read_manifest
-from dala_model.splits import make_split
+from dala_model.data.breakhis import IMAGE_SUFFIXES
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
 from tests.reliability.conftest import upload
 
 

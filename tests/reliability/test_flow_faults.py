@@ -25,12 +25,14 @@ import pandas as pd
 import pytest
 import torch
 
-from dala_model import predictions, registry, storage, synth
-from dala_model.checkpoint import load_model
-from dala_model.config import TrainConfig
-from dala_model.ingest import ingest
-from dala_model.splits import make_split
-from dala_model.train import train
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.data.ingest import ingest
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.train import train
+from dala_model.models.checkpoint import load_model
+from dala_model.serving import predictions, promotion
 from tests.reliability.faulty_proxy import Schedule
 
 MODEL = "dalaresnet50"
@@ -65,7 +67,7 @@ def trained_root(tmp_path_factory) -> str:
             root=root, magnification=40, epochs=1, batch_size=8, image_size=32, device="cpu"
         )
     )
-    registry.promote(root, storage.join(root, "runs", RUN_40X))
+    promotion.promote(root, storage.join(root, "runs", RUN_40X))
     # The reference: an uninterrupted batch inference on the local root, 4 images per part.
     predictions.score_magnification(
         root, MODEL, 40, flow_run_id="clean", chunk_size=4, device="cpu"
@@ -85,7 +87,7 @@ def serve(trained_root: str, root: str) -> str:
     for name in ("config.json", "run.json"):
         rel = f"runs/{RUN_40X}/{name}"
         storage.write_bytes_atomic(storage.join(root, rel), local.cat_file(f"{trained_root}/{rel}"))
-    registry.promote(root, storage.join(root, "runs", RUN_40X))
+    promotion.promote(root, storage.join(root, "runs", RUN_40X))
     return root
 
 
@@ -161,7 +163,7 @@ def test_flow_worker_killed_mid_run_then_rerun_finishes_only_what_was_missing(tm
     at_kill = torch.load(run100 / "checkpoint.pt", weights_only=True)["state"]
     killed_after = at_kill["epoch"]
     assert 0 <= killed_after < epochs
-    assert registry.list_current(str(root)) == []  # promotion comes after the fan-out: not reached
+    assert promotion.list_current(str(root)) == []  # promotion comes after the fan-out: not reached
 
     rerun = subprocess.run(
         args, env=_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300
@@ -185,8 +187,8 @@ def test_flow_worker_killed_mid_run_then_rerun_finishes_only_what_was_missing(tm
     # and nothing but the run's own files (plus, at most, an orphan temp file of a write the kill
     # cut short, never under a real name).
     for mag in (40, 100):
-        assert len(registry.promotions(str(root), MODEL, mag)) == 1
-        record = registry.current(str(root), MODEL, mag)
+        assert len(promotion.promotions(str(root), MODEL, mag)) == 1
+        record = promotion.current(str(root), MODEL, mag)
         assert record["run_id"] == f"{MODEL}-{mag}x-patient-seed0"
         load_model(record["checkpoint_uri"])
         names = {p.name for p in _run_dir(root, mag).iterdir()}
@@ -271,7 +273,7 @@ def test_store_failing_mid_inference_fails_cleanly_and_a_rerun_equals_a_clean_ru
 _SCORE = textwrap.dedent(
     """
     import json, os, sys, time
-    from dala_model import predictions
+    from dala_model.serving import predictions
     root, name, go = sys.argv[1:4]
     print("ready", flush=True)
     while not os.path.exists(go):
@@ -326,7 +328,8 @@ _MILLION = textwrap.dedent(
     import json, resource, sys, time
     from datetime import UTC, datetime, timedelta
     import numpy as np, pandas as pd
-    from dala_model import predictions, registry, storage
+    from dala_model import storage
+    from dala_model.serving import predictions, promotion
     root, n, per_part = sys.argv[1], 1_000_000, 50_000
     rng = np.random.default_rng(0)
     versions = ["a" * 64, "b" * 64]
@@ -348,7 +351,7 @@ _MILLION = textwrap.dedent(
     racer = frame.iloc[:10_000].assign(flow_run_id="racer", scored_at=frame["scored_at"] + pd.Timedelta(hours=1))
     storage.write_parquet_atomic(racer, f"{uri}/part-racer.parquet", schema=predictions.PREDICTION_SCHEMA)
     # 1,000 promotions of 40X in the registry log, the last one current.
-    base = registry.registry_uri(root, "dalaresnet50", 40)
+    base = promotion.registry_uri(root, "dalaresnet50", 40)
     start = datetime(2026, 1, 1, tzinfo=UTC)
     for i in range(1000):
         now = start + timedelta(minutes=i)
@@ -364,9 +367,9 @@ _MILLION = textwrap.dedent(
     raw = timed("read_predictions_raw", lambda: predictions.read_predictions(root, "dalaresnet50", dedupe=False))
     table = timed("read_predictions_dedupe", lambda: predictions.read_predictions(root, "dalaresnet50"))
     done = timed("scored_ids_one_part_set", lambda: predictions.scored_ids(root, "dalaresnet50", versions[1], mag))
-    current = timed("registry_current", lambda: registry.current(root, "dalaresnet50", 40))
-    serving = timed("registry_list_current", lambda: registry.list_current(root))
-    log = timed("registry_promotions_1000", lambda: registry.promotions(root, "dalaresnet50", 40))
+    current = timed("registry_current", lambda: promotion.current(root, "dalaresnet50", 40))
+    serving = timed("registry_list_current", lambda: promotion.list_current(root))
+    log = timed("registry_promotions_1000", lambda: promotion.promotions(root, "dalaresnet50", 40))
     out.update(raw_rows=len(raw), rows=len(table), duplicates=int(table.duplicated(["image_id", "model_version"]).sum()),
                racer_rows_kept=int((table["flow_run_id"] == "racer").sum()), scored_ids=len(done),
                current=current["model_version"][-3:], serving=len(serving),

@@ -14,12 +14,12 @@ import textwrap
 
 import pytest
 
-from dala_model.synth import generate
+from dala_model.data.synth import generate
 
 _INGEST = textwrap.dedent(
     """
     import json, resource, sys, time
-    from dala_model.ingest import ingest
+    from dala_model.data.ingest import ingest
     started = time.perf_counter()
     result = ingest(sys.argv[1], sys.argv[2], workers=2, cache_size=64)
     print(json.dumps({"images": result.images, "seconds": time.perf_counter() - started,
@@ -65,8 +65,8 @@ _MILLION = textwrap.dedent(
     import json, resource, sys, time
     import numpy as np, pandas as pd
     from dala_model import storage
-    from dala_model.manifest import MANIFEST_SCHEMA, data_version
-    from dala_model.splits import check_patient_disjoint, split_frame
+    from dala_model.data.manifest import MANIFEST_SCHEMA, data_version
+    from dala_model.data.splits import check_patient_disjoint, split_frame
     n, rng = 1_000_000, np.random.default_rng(0)
     patients = rng.integers(0, 5_000, n)
     ids = pd.Series(rng.integers(0, 2**63, n, dtype=np.int64)).map("{:016x}".format)

@@ -17,7 +17,7 @@ import pytest
 from pydantic import ValidationError
 
 from dala_model import storage
-from dala_model.config import TrainConfig
+from dala_model.engine.config import TrainConfig
 from tests.reliability.faulty_proxy import FaultyProxy, always
 
 

@@ -20,8 +20,8 @@ import pytest
 import s3fs
 
 from dala_model import storage
-from dala_model.ingest import ingest
-from dala_model.manifest import duplicates_uri, quarantine_uri, read_manifest
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
 from tests.reliability.conftest import direct_s3, upload
 from tests.reliability.faulty_proxy import after, always, every
 

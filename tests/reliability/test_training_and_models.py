@@ -18,16 +18,16 @@ import pytest
 import torch
 
 from dala_model import storage
-from dala_model.cache import build_cache
-from dala_model.config import TrainConfig
-from dala_model.dataset import decode_pngs
-from dala_model.inference import predict_logits
-from dala_model.ingest import ingest
-from dala_model.manifest import read_manifest
-from dala_model.models import build_model
-from dala_model.pretrained import read_state_dict
-from dala_model.splits import make_split
-from dala_model.train import NonFiniteLoss, train
+from dala_model.data.cache import build_cache
+from dala_model.data.dataset import decode_pngs
+from dala_model.data.ingest import ingest
+from dala_model.data.manifest import read_manifest
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.inference import predict_logits
+from dala_model.engine.train import NonFiniteLoss, train
+from dala_model.models.pretrained import read_state_dict
+from dala_model.models.registry import build_model
 
 
 class _CreatesMarker:

@@ -35,7 +35,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay, roc_curve
 
 from dala_model import storage
-from dala_model.breakhis import LABELS as CLASS_NAMES
+from dala_model.data.breakhis import LABELS as CLASS_NAMES
 from dala_model.paper import (
     MAGNIFICATIONS,
     PAPER_CITATION,

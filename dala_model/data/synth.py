@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dala_model import storage
-from dala_model.breakhis import MAGNIFICATIONS, SUBTYPES, BreakHisName
+from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, BreakHisName
 
 log = logging.getLogger(__name__)
 

@@ -33,17 +33,18 @@ from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
 
-from dala_model import distributed, runs, storage
-from dala_model.checkpoint import load_model, save_model
-from dala_model.config import TrainConfig
-from dala_model.dataset import SplitImages, load_split
+from dala_model import runs, storage
+from dala_model.data.dataset import SplitImages, load_split
+from dala_model.data.manifest import manifest_version
 from dala_model.device import autocast, resolve_precision, synchronize
-from dala_model.inference import predict_logits
-from dala_model.manifest import manifest_version
+from dala_model.engine import distributed
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.inference import predict_logits
 from dala_model.metrics import classification_metrics, evaluate
-from dala_model.models import build_model
+from dala_model.models.checkpoint import load_model, save_model
+from dala_model.models.registry import build_model
+from dala_model.models.transforms import BatchAugment, normalize_batch
 from dala_model.provenance import code_version, environment
-from dala_model.transforms import BatchAugment, normalize_batch
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def run_uri(config: TrainConfig) -> str:
 def train(config: TrainConfig, progress: ProgressCallback | None = None) -> TrainResult:
     """Train, keep the best-on-validation model, evaluate it on the test split, write the run folder.
 
-    Under ``torchrun`` every rank calls this; see ``dala_model.distributed`` for the split of work.
+    Under ``torchrun`` every rank calls this; see ``dala_model.engine.distributed`` for the split of work.
     """
     storage.check_writable(config.root)  # fail in a second, not after an epoch
     job = distributed.world()

@@ -27,9 +27,9 @@ from torch import nn
 
 import dala_model
 from dala_model import storage
-from dala_model.breakhis import LABELS
-from dala_model.models import build_model, get_model_spec
-from dala_model.transforms import get_preset
+from dala_model.data.breakhis import LABELS
+from dala_model.models.registry import build_model, get_model_spec
+from dala_model.models.transforms import get_preset
 
 FORMAT = "dala-model"
 FORMAT_VERSION = 1

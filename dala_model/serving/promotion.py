@@ -78,7 +78,9 @@ def promotions(root: str, model: str, magnification: int) -> list[dict]:
 
 def model_version(best_uri: str) -> str:
     """sha256 of the checkpoint's weights (recorded in its config, verified by ``load_model``)."""
-    from dala_model.checkpoint import read_model_config  # torch: only when a model is involved
+    from dala_model.models.checkpoint import (
+        read_model_config,  # torch: only when a model is involved
+    )
 
     return read_model_config(best_uri)["weights_sha256"]
 

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from dala_model import cache, storage
-from dala_model.manifest import data_version, read_manifest
-from dala_model.splits import read_split
+from dala_model import storage
+from dala_model.data import cache
+from dala_model.data.manifest import data_version, read_manifest
+from dala_model.data.splits import read_split
 
 log = logging.getLogger(__name__)
 

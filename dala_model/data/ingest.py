@@ -12,7 +12,7 @@ Decisions, so every later step can trust the manifest:
   Other modes (16-bit ``I;16``, 32-bit ``I``/``F``, CMYK, bilevel ``1``) are quarantined as
   ``unsupported_mode``: converting them silently clips or reinterprets values.
 - Quarantine reasons (``quarantine.parquet``: uri, reason, detail): ``unsafe_key`` (a key with
-  ``.``/``..`` segments), ``unparseable_name`` (see ``dala_model.breakhis``), ``zero_bytes``,
+  ``.``/``..`` segments), ``unparseable_name`` (see ``dala_model.data.breakhis``), ``zero_bytes``,
   ``too_large`` (more than ``MAX_FILE_BYTES`` bytes or ``MAX_PIXELS`` pixels, the
   decompression-bomb guard, checked from the header before any pixel is decoded),
   ``not_an_image``, ``truncated``, ``corrupt`` (bad checksums or data stream), ``unsupported_mode``.
@@ -55,9 +55,15 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dala_model import storage
-from dala_model.breakhis import IMAGE_SUFFIXES, BreakHisName, UnparseableName, parse_breakhis_path
-from dala_model.cache import ShardWriter, bounded_map, build_cache, default_workers, resize
-from dala_model.manifest import (
+from dala_model.data._pool import bounded_map, default_workers
+from dala_model.data.breakhis import (
+    IMAGE_SUFFIXES,
+    BreakHisName,
+    UnparseableName,
+    parse_breakhis_path,
+)
+from dala_model.data.cache import ShardWriter, build_cache, resize
+from dala_model.data.manifest import (
     DUPLICATES_SCHEMA,
     MANIFEST_SCHEMA,
     QUARANTINE_SCHEMA,

@@ -35,14 +35,15 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from dala_model import cache, storage
-from dala_model.checkpoint import load_model, read_model_config
-from dala_model.dataset import decode_pngs
+from dala_model import storage
+from dala_model.data import cache
+from dala_model.data.dataset import decode_pngs
+from dala_model.data.manifest import read_manifest
 from dala_model.device import resolve_device, resolve_precision
-from dala_model.inference import predict_proba
-from dala_model.manifest import read_manifest
+from dala_model.engine.inference import predict_proba
 from dala_model.metrics import classification_metrics
-from dala_model.registry import current
+from dala_model.models.checkpoint import load_model, read_model_config
+from dala_model.serving.promotion import current
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 from sklearn.model_selection import StratifiedGroupKFold
 
 from dala_model import storage
-from dala_model.manifest import data_version, read_manifest
+from dala_model.data.manifest import data_version, read_manifest
 
 SCHEMES = ("paper", "patient", "patient-kfold")
 SPLITS = ("train", "val", "test")

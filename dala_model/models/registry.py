@@ -6,7 +6,7 @@ each model's facts (library, the paper's Table 7 count, input size, default pres
 weights) as :class:`ModelSpec` data that ``dala models`` prints and ``build_model`` dispatches on.
 
 Every model built here records how it was built in ``model.dala_build`` (name, num_classes,
-options) so :func:`dala_model.checkpoint.save_model` can write a config that rebuilds it exactly.
+options) so :func:`dala_model.models.checkpoint.save_model` can write a config that rebuilds it exactly.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from dala_model.attention import LightweightAttention
+from dala_model.models.attention import LightweightAttention
+from dala_model.models.pretrained import WeightsSource, load_backbone
 from dala_model.paper import PAPER_PARAMS
-from dala_model.pretrained import WeightsSource, load_backbone
 
 # torchvision's DenseNet files predate its module names ("norm.1" is now "norm1"); this is the
 # rewrite torchvision applies when it loads them itself.

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dala_model.breakhis import MAGNIFICATIONS
+from dala_model.data.breakhis import MAGNIFICATIONS
 
 
 class TrainConfig(BaseModel):
@@ -67,7 +67,7 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _registered_model(cls, value: str) -> str:
-        from dala_model.models import list_models
+        from dala_model.models.registry import list_models
 
         if value not in list_models():
             raise ValueError(f"unknown model {value!r}; choose one of {list_models()}")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dala_model.device import autocast
-from dala_model.transforms import normalize_batch
+from dala_model.models.transforms import normalize_batch
 
 
 def predict_logits(

@@ -32,8 +32,8 @@ import time
 from collections.abc import Mapping
 
 from dala_model import storage
-from dala_model.config import TrainConfig
-from dala_model.train import ProgressCallback, TrainResult, completed_result, run_uri
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.train import ProgressCallback, TrainResult, completed_result, run_uri
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +41,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dala_model import storage
-from dala_model.manifest import read_manifest
+from dala_model.data._pool import bounded_map, default_workers
+from dala_model.data.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ INDEX_SCHEMA = pa.schema(
     ]
 )
 SHARD_BYTES = 64 * 2**20  # about 440 images at 224: bounded memory while building, few files
-
-
-def default_workers() -> int:
-    """Threads for read+decode: Pillow's decoders, resize and hashlib release the GIL."""
-    return min(8, (os.cpu_count() or 1) + 2)
 
 
 def cache_uri(root: str, size: int) -> str:
@@ -175,17 +171,6 @@ def build_cache(root: str, size: int = 224, workers: int | None = None) -> int:
     finally:
         added = writer.close()
     return added
-
-
-def bounded_map(pool: ThreadPoolExecutor, fn, items: Iterable, window: int) -> Iterator:
-    """``pool.map`` in input order with at most ``window`` tasks in flight, so memory stays flat."""
-    pending = []
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for future in pending:
-        yield future.result()
 
 
 def missing_from_cache(root: str, image_ids: Iterable[str], size: int) -> list[str]:
