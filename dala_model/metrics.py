@@ -303,3 +303,18 @@ def evaluate(
         if patient_ids is None
         else patient_level(patient_ids, truth, prob, threshold=threshold),
     }
+
+
+# What each ``TrainConfig.monitor`` reads from the validation metrics, and its direction (+1: higher
+# is better). The engine's best-epoch choice and the promotion log's ranking both use this table.
+MONITORS: dict[str, tuple[str, float]] = {
+    "val_accuracy": ("accuracy", 1.0),
+    "val_gmean": ("gmean", 1.0),
+    "val_loss": ("loss", -1.0),
+}
+
+
+def monitor_score(monitor: str, val: dict[str, Any]) -> float:
+    """``val``'s score under ``monitor``, signed so that higher is always better."""
+    key, sign = MONITORS[monitor]
+    return sign * float(val[key])

@@ -40,7 +40,7 @@ from dala_model.device import autocast, resolve_precision, synchronize
 from dala_model.engine import distributed
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.inference import predict_logits
-from dala_model.metrics import classification_metrics, evaluate
+from dala_model.metrics import classification_metrics, evaluate, monitor_score
 from dala_model.models.checkpoint import load_model, save_model
 from dala_model.models.registry import build_model
 from dala_model.models.transforms import BatchAugment, normalize_batch
@@ -218,7 +218,7 @@ def _train(
             state["history"].append(record)
             state["epoch"] = epoch
             state["train_seconds"] += record["epoch_seconds"]
-            score = _monitor_score(config.monitor, val)
+            score = monitor_score(config.monitor, val)
             if state["best"]["score"] is None or score > state["best"]["score"]:
                 state["best"] = {"epoch": epoch, "score": score, "val": val}
                 if job.is_main:
@@ -384,13 +384,6 @@ def _validate(config, model, split: SplitImages, criterion, device, dtype) -> di
         "gmean": metrics["gmean"],
         "f1_weighted": metrics["f1_weighted"],
     }
-
-
-def _monitor_score(monitor: str, val: dict) -> float:
-    """Higher is better; ties keep the earlier epoch."""
-    return {"val_accuracy": val["accuracy"], "val_gmean": val["gmean"], "val_loss": -val["loss"]}[
-        monitor
-    ]
 
 
 def _finish(config, paths, folder, state, device, dtype, data) -> TrainResult:

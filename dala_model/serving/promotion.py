@@ -26,15 +26,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from dala_model import runs, storage
+from dala_model.metrics import MONITORS, monitor_score
+
 
 # TrainConfig.monitor -> (key in run.json's metrics.val, sign that makes larger better)
-_MONITOR_KEYS = {
-    "val_accuracy": ("accuracy", 1.0),
-    "val_gmean": ("gmean", 1.0),
-    "val_loss": ("loss", -1.0),
-}
-
-
 @dataclass(frozen=True)
 class Promotion:
     """The outcome of :func:`promote`: whether the candidate now serves, why, and its record."""
@@ -87,8 +82,9 @@ def model_version(best_uri: str) -> str:
 
 def ranking_score(summary: dict) -> float:
     """A completed run's validation score on its own monitor, oriented so that larger is better."""
-    key, sign = _MONITOR_KEYS[summary["config"].get("monitor", "val_accuracy")]
-    return sign * summary["metrics"]["val"][key]
+    return monitor_score(
+        summary["config"].get("monitor", "val_accuracy"), summary["metrics"]["val"]
+    )
 
 
 def candidate_record(run_uri: str) -> dict:
@@ -105,7 +101,7 @@ def candidate_record(run_uri: str) -> dict:
         )
     best_uri = storage.join(run_uri, "best")
     monitor = summary["config"].get("monitor", "val_accuracy")
-    key, _ = _MONITOR_KEYS[monitor]
+    key, _ = MONITORS[monitor]
     return {
         "model": summary["model"],
         "magnification": int(summary["magnification"]),
@@ -158,7 +154,7 @@ def _decide(candidate: dict, previous: dict | None, force: bool) -> str | None:
         return "first model for this magnification"
     if previous["model_version"] == candidate["model_version"]:
         return None
-    key, sign = _MONITOR_KEYS[candidate["monitor"]]
+    key, sign = MONITORS[candidate["monitor"]]
     theirs = previous["metrics"]["val"].get(key)
     if theirs is None or sign * candidate["metrics"]["val"][key] > sign * theirs:
         return f"{candidate['monitor']} {candidate['metrics']['val'][key]:.4f} beats {theirs}"
@@ -168,7 +164,7 @@ def _decide(candidate: dict, previous: dict | None, force: bool) -> str | None:
 def _why_not(candidate: dict, previous: dict | None) -> str:
     if previous is not None and previous["model_version"] == candidate["model_version"]:
         return "already current"
-    key, _ = _MONITOR_KEYS[candidate["monitor"]]
+    key, _ = MONITORS[candidate["monitor"]]
     return (
         f"{candidate['monitor']} {candidate['metrics']['val'][key]:.4f} does not beat the current "
         f"{previous['metrics']['val'].get(key) if previous else None}"
