@@ -22,17 +22,12 @@ import torch
 from dala_model import storage
 from dala_model.data import cache
 from dala_model.data.ingest import ingest
+from dala_model.data.ingest_distributed import ingest_distributed, ingest_partitions
 from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
 from dala_model.data.splits import make_split
 from dala_model.data.synth import generate
 from dala_model.engine.config import TrainConfig
-from dala_model.engine.distributed import (
-    World,
-    check_batch_size,
-    ingest_distributed,
-    ingest_partitions,
-    shard,
-)
+from dala_model.engine.distributed import World, check_batch_size, shard
 from dala_model.engine.launcher import DistributedTrainingFailed, launch_training
 
 SIZE = 32
