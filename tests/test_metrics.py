@@ -26,6 +26,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
+from dala_model.calibration import calibration_summary, choose_threshold
 from dala_model.metrics import (
     BOOTSTRAP_METRICS,
     _metrics_from_counts,
@@ -227,3 +228,89 @@ def test_evaluate_combines_image_ci_and_patient_levels() -> None:
     assert low <= result["image"]["accuracy"] <= high
     json.dumps(result, allow_nan=False)
     assert evaluate(y_true, y_prob)["patient"] is None
+
+
+# ---------------------------------------------------------------- patient-resampled intervals
+
+
+def _correlated_set(n_patients: int = 10, per_patient: int = 30, seed: int = 3):
+    """Every patient's images share one prediction (perfect within-patient correlation)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(n_patients) % 2, per_patient)
+    patient_right = rng.random(n_patients) < 0.7
+    correct = np.repeat(patient_right, per_patient)
+    pred = np.where(correct, labels, 1 - labels)
+    groups = np.repeat([f"p{k}" for k in range(n_patients)], per_patient)
+    return labels, pred, groups
+
+
+def test_patient_bootstrap_is_wider_than_image_bootstrap_for_correlated_images():
+    truth, pred, groups = _correlated_set()
+    by_image = bootstrap_ci(truth, pred, metrics=["accuracy", "gmean"])
+    by_patient = bootstrap_ci(truth, pred, metrics=["accuracy", "gmean"], groups=groups)
+    for name in ("accuracy", "gmean"):
+        width_image = by_image[name][1] - by_image[name][0]
+        width_patient = by_patient[name][1] - by_patient[name][0]
+        assert width_patient > 2 * width_image, (name, width_image, width_patient)
+
+
+def test_patient_bootstrap_keeps_the_patients_per_class_and_rejects_mixed_patients():
+    truth, pred, groups = _correlated_set(n_patients=4, per_patient=5)
+    # All predictions right: every patient resample is perfect, so the interval is a point.
+    exact = bootstrap_ci(truth, truth, metrics=["gmean"], groups=groups)
+    assert exact["gmean"] == (1.0, 1.0)
+    mixed = truth.copy()
+    mixed[0] = 1 - mixed[0]
+    with pytest.raises(ValueError, match="both benign and malignant"):
+        bootstrap_ci(mixed, pred, groups=groups)
+
+
+def test_evaluate_names_the_resampling_unit_of_every_interval():
+    truth, pred, groups = _correlated_set()
+    prob = np.where(pred == 1, 0.8, 0.2)
+    result = evaluate(truth, prob, patient_ids=groups)
+    rows = result["intervals"]
+    units = {(r["scope"], r["unit"]) for r in rows}
+    assert units == {("image", "image"), ("image", "patient"), ("patient", "patient")}
+    for row in rows:
+        assert row["n_patients"] == 10
+        assert row["optimistic"] is (row["unit"] == "image")
+        assert row["n_units"] == (300 if row["unit"] == "image" else 10)
+        assert row["low"] <= row["high"]
+    # The legacy image-resampled "ci" is the same interval as the image/image rows.
+    image_rows = {r["metric"]: [r["low"], r["high"]] for r in rows if r["unit"] == "image"}
+    assert image_rows == result["ci"]
+
+
+# ---------------------------------------------------------------- threshold and calibration
+
+
+def test_threshold_is_chosen_to_maximise_validation_gmean():
+    # A model that ranks perfectly but puts every probability below 0.5: at 0.5 all benign.
+    truth = np.array([0] * 6 + [1] * 4)
+    prob = np.array([0.05, 0.1, 0.1, 0.15, 0.2, 0.22, 0.3, 0.35, 0.4, 0.45])
+    chosen = choose_threshold(truth, prob)
+    assert chosen["gmean_at_0.5"] == 0.0
+    assert chosen["gmean"] == pytest.approx(1.0)
+    assert 0.22 < chosen["threshold"] <= 0.3
+    pred = (prob >= chosen["threshold"]).astype(int)
+    assert (pred == truth).all()
+
+
+def test_threshold_ties_go_to_half_and_one_class_keeps_half():
+    truth = np.array([0, 0, 1, 1])
+    prob = np.array([0.1, 0.2, 0.8, 0.9])  # every threshold in (0.2, 0.8] is perfect
+    assert choose_threshold(truth, prob)["threshold"] == 0.5
+    single = choose_threshold(np.zeros(4, dtype=int), prob)
+    assert single["threshold"] == 0.5 and "one class" in single["reason"]
+
+
+def test_calibration_summary_matches_hand_computation():
+    truth = np.array([0, 0, 1, 1, 1])
+    prob = np.array([0.05, 0.15, 0.85, 0.95, 0.15])
+    summary = calibration_summary(truth, prob)
+    assert summary["brier"] == pytest.approx(np.mean((prob - truth) ** 2))
+    # bins: [0,0.1): {0.05 -> 0}; [0.1,0.2): {0.15 -> 0, 0.15 -> 1}; [0.8,0.9): {0.85 -> 1}; [0.9,1]: {0.95 -> 1}
+    expected = (1 * 0.05 + 2 * abs(0.15 - 0.5) + 1 * 0.15 + 1 * 0.05) / 5
+    assert summary["ece"] == pytest.approx(expected)
+    assert sum(b["count"] for b in summary["bins"]) == 5
