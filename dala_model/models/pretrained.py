@@ -168,11 +168,13 @@ def load_backbone(
     source: WeightsSource | None,
     fresh: tuple[str, ...],
     model_name: str,
+    unused: tuple[str, ...] = (),
 ) -> None:
     """Load backbone weights into ``model`` in place; modules under ``fresh`` keep their init.
 
     ``pretrained=True`` uses ``source`` (the published ImageNet weights); a string is a path or
-    fsspec URL of a state dict for the same architecture.
+    fsspec URL of a state dict for the same architecture. Keys under ``unused`` (parts of the
+    published network that this architecture leaves out) are dropped from the file first.
     """
     if pretrained is True:
         if source is None:
@@ -188,10 +190,13 @@ def load_backbone(
     for pattern, replacement in source.key_rewrites if source else ():
         state = {re.sub(pattern, replacement, key): value for key, value in state.items()}
 
-    def is_fresh(key: str) -> bool:
-        return any(key == prefix or key.startswith(prefix + ".") for prefix in fresh)
+    def under(key: str, prefixes: tuple[str, ...]) -> bool:
+        return any(key == prefix or key.startswith(prefix + ".") for prefix in prefixes)
 
-    backbone = {key: value for key, value in state.items() if not is_fresh(key)}
+    def is_fresh(key: str) -> bool:
+        return under(key, fresh)
+
+    backbone = {key: value for key, value in state.items() if not under(key, fresh + unused)}
     where = storage.redact(origin)
     try:
         result = model.load_state_dict(backbone, strict=False)
