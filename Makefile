@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Keep Prefect's local SQLite API and settings inside the checkout (the embedded default).
 export PREFECT_HOME ?= $(CURDIR)/.prefect
+# A local API's first start creates and migrates its SQLite database: ~25 s on 2 busy cores, over
+# Prefect's 20 s default wait. Install migrates it ahead of time, and every local API start waits
+# this long (flows/_common.py: API_STARTUP_TIMEOUT_S, which the code also enforces).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 600
 
 .PHONY: install run test lint bench gpu-bench clean audit
 
@@ -12,6 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@echo "migrating Prefect's database in $(PREFECT_HOME) (once; tests/test_cold_start.py runs this line)"
+	$(VENV)/bin/prefect --no-prompt server database upgrade -y
 	touch $(STAMP)
 
 install: $(STAMP)

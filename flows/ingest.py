@@ -7,19 +7,24 @@ from typing import Annotated
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.tasks import exponential_backoff
 from pydantic import Field
 
 from dala_model import storage
 from dala_model.data import ingest as ingest_lib
+from dala_model.report.tables import markdown_table
+from flows._common import IO_RETRIES
 
-# Object-store reads and writes fail transiently (throttling, dropped connections); ingest is
-# incremental and its writes atomic, so retrying the whole call is safe and cheap.
-IO_RETRIES = {
-    "retries": 3,
-    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
-    "retry_jitter_factor": 0.5,
-}
+# The ingest-summary artifact's columns: (heading, IngestResult field).
+_SUMMARY = (
+    ("manifest images", "images"),
+    ("read", "read"),
+    ("reused", "reused"),
+    ("removed", "removed"),
+    ("quarantined", "quarantined"),
+    ("duplicates", "duplicates"),
+    ("cached", "cached"),
+    ("data version", "manifest_version"),
+)
 
 
 @task(name="ingest", **IO_RETRIES)
@@ -42,15 +47,12 @@ def ingest_flow(
 ) -> dict:
     """Read every image under ``source`` once, record good ones in the manifest, quarantine the rest."""
     result = ingest_task(source, root, cache_size)
+    row = [result[key] for _, key in _SUMMARY]
+    row[-1] = f"`{row[-1]}`"  # the data version, as code
     create_markdown_artifact(
         key="ingest-summary",
-        markdown=(
-            f"## Ingest of {storage.redact(source)}\n\n"
-            f"| manifest images | read | reused | removed | quarantined | duplicates | cached | data version |\n"
-            f"|---|---|---|---|---|---|---|---|\n"
-            f"| {result['images']} | {result['read']} | {result['reused']} | {result['removed']} | "
-            f"{result['quarantined']} | {result['duplicates']} | {result['cached']} | `{result['manifest_version']}` |\n"
-        ),
+        markdown=f"## Ingest of {storage.redact(source)}\n\n"
+        + markdown_table([label for label, _ in _SUMMARY], [row]),
         description="manifest, quarantine and cache counts",
     )
     return result

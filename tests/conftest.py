@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto's standalone server on 127.0.0.1) and storage roots.
+"""Shared fixtures: a real S3 endpoint (moto's standalone server on 127.0.0.1), storage roots and
+a temporary Prefect API.
 
 Tests that take ``storage_root`` run once against a local folder and once against the S3
 endpoint through s3fs, so every storage path is exercised on both backends.
@@ -67,6 +68,20 @@ def storage_root(request, tmp_path) -> str:
         return str(tmp_path / "root")
     bucket = request.getfixturevalue("s3_bucket")
     return f"{bucket}/root"
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """A temporary Prefect API on its own SQLite database for one test module.
+
+    Every start creates and migrates a fresh database, which can take longer than Prefect's
+    default wait on a slow machine; it waits as long as ``make run`` does (flows/_common.py)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows._common import api_startup_timeout
+
+    with prefect_test_harness(server_startup_timeout=api_startup_timeout()):
+        yield
 
 
 @pytest.fixture(scope="session")

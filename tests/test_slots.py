@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from flows import slots
-from flows.slots import SlotPlan, plan_slots
+from flows import _slots as slots
+from flows._slots import SlotPlan, plan_slots
 
 
 @pytest.fixture
