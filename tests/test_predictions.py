@@ -77,7 +77,7 @@ def raw_rows(root: str) -> int:
 def test_scores_once_per_model_version(served_root):
     manifest = read_manifest(served_root)
     at40 = manifest[manifest["magnification"] == 40].sort_values("image_id")
-    record = promotion.current(served_root, "dalaresnet50", 40)
+    record = promotion.current_record(served_root, "dalaresnet50", 40)
 
     first = predictions.score_magnification(
         served_root, "dalaresnet50", 40, flow_run_id="run-a", chunk_size=5
@@ -86,13 +86,13 @@ def test_scores_once_per_model_version(served_root):
     assert len(first.parts) == -(-len(at40) // 5)
     table = predictions.read_predictions(served_root, "dalaresnet50")
     assert COLUMNS <= set(table.columns) and len(table) == len(at40)
-    assert set(table["model_version"]) == {record["model_version"]} and set(
-        table["flow_run_id"]
-    ) == {"run-a"}
+    assert set(table["model_version"]) == {record.model_version} and set(table["flow_run_id"]) == {
+        "run-a"
+    }
     assert ((table["prob_malignant"] >= 0.5).astype(int) == table["pred_label"]).all()
 
     # The cached pixels score like freshly decoded PNGs through the same model.
-    model = load_model(record["checkpoint_uri"])
+    model = load_model(record.checkpoint_uri)
     expected = predict_proba(
         model, decode_pngs(at40, 32), preset="paper", device=torch.device("cpu")
     )

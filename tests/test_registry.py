@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 
 import fsspec
 import pytest
@@ -17,6 +16,7 @@ from dala_model.data.splits import make_split
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.train import train
 from dala_model.models.checkpoint import read_model_config
+from dala_model.runs import load_summary
 from dala_model.serving import promotion
 
 
@@ -60,10 +60,7 @@ def copy_runs(trained: dict, target: str) -> dict[str, str]:
 
 
 def ranked(runs: dict[str, str]) -> tuple[str, str]:
-    scores = {
-        uri: promotion.ranking_score(json.loads(storage.read_bytes(storage.join(uri, "run.json"))))
-        for uri in runs.values()
-    }
+    scores = {uri: promotion.ranking_score(load_summary(uri)) for uri in runs.values()}
     worse, better = sorted(scores, key=scores.get)
     assert scores[worse] < scores[better]
     return worse, better
@@ -72,35 +69,36 @@ def ranked(runs: dict[str, str]) -> tuple[str, str]:
 def test_promotes_first_then_only_better_runs(storage_root, trained):
     runs = copy_runs(trained, storage_root)
     worse, better = ranked(runs)
-    assert promotion.current(storage_root, "dalaresnet50", 40) is None
+    assert promotion.current_record(storage_root, "dalaresnet50", 40) is None
 
     first = promotion.promote(storage_root, worse)
     assert first.promoted and first.previous is None
-    record = promotion.current(storage_root, "dalaresnet50", 40)
+    record = promotion.current_record(storage_root, "dalaresnet50", 40)
     best = storage.join(worse, "best")
     weights = storage.read_bytes(storage.join(best, read_model_config(best)["weights_file"]))
-    assert record["model_version"] == hashlib.sha256(weights).hexdigest()
-    assert record["checkpoint_uri"] == storage.join(worse, "best")
-    assert record["data_version"] == trained["data_version"]
-    assert record["code_version"] and record["config"]["monitor"] == "val_loss"
-    assert record["metrics"]["test"]["image"]["n"] > 0
+    assert record.model_version == hashlib.sha256(weights).hexdigest()
+    assert record.checkpoint_uri == storage.join(worse, "best")
+    assert record.data_version == trained["data_version"]
+    assert record.code_version and record.config["monitor"] == "val_loss"
+    assert record.metrics.test["image"]["n"] > 0
 
     second = promotion.promote(storage_root, better)
-    assert second.promoted and second.record["previous_version"] == record["model_version"]
-    assert promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
+    assert second.promoted and second.current.previous_version == record.model_version
+    assert promotion.current_record(storage_root, "dalaresnet50", 40).run_uri == better
 
     again = promotion.promote(storage_root, worse)  # does not beat the current one
     assert not again.promoted and "does not beat" in again.reason
-    assert promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == better
+    assert promotion.current_record(storage_root, "dalaresnet50", 40).run_uri == better
     assert not promotion.promote(storage_root, better).promoted  # already current
 
     pinned = promotion.promote(storage_root, worse, force=True)
     assert (
-        pinned.promoted and promotion.current(storage_root, "dalaresnet50", 40)["run_uri"] == worse
+        pinned.promoted
+        and promotion.current_record(storage_root, "dalaresnet50", 40).run_uri == worse
     )
-    log = promotion.promotions(storage_root, "dalaresnet50", 40)
-    assert [entry["run_uri"] for entry in log] == [worse, better, worse]
-    assert [r["magnification"] for r in promotion.list_current(storage_root)] == [40]
+    log = promotion.promotion_records(storage_root, "dalaresnet50", 40)
+    assert [entry.run_uri for entry in log] == [worse, better, worse]
+    assert [r.magnification for r in promotion.current_records(storage_root)] == [40]
 
 
 def test_refuses_a_run_without_summary(tmp_path):
@@ -116,7 +114,7 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     runs = copy_runs(trained, root)
     worse, better = ranked(runs)
     assert dala(["promote", root, "--model", "dalaresnet50", "--magnification", "40"]) == 0
-    assert promotion.current(root, "dalaresnet50", 40)["run_uri"] == better
+    assert promotion.current_record(root, "dalaresnet50", 40).run_uri == better
     worse_id = worse.rsplit("/", 1)[1]
     assert (
         dala(
@@ -124,7 +122,9 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
         )
         == 0
     )
-    assert promotion.current(root, "dalaresnet50", 40)["reason"].startswith("pinned by operator")
+    assert promotion.current_record(root, "dalaresnet50", 40).reason.startswith(
+        "pinned by operator"
+    )
     capsys.readouterr()
     assert dala(["models", "current", root]) == 0
     out = capsys.readouterr().out
@@ -134,4 +134,4 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     pin_elsewhere = ["--model", "dalaresnet50", "--magnification", "100", "--run", worse_id]
     assert dala(["promote", root, *pin_elsewhere]) == 2
     assert "not --model dalaresnet50 --magnification 100" in capsys.readouterr().err
-    assert promotion.current(root, "dalaresnet50", 100) is None
+    assert promotion.current_record(root, "dalaresnet50", 100) is None

@@ -7,7 +7,7 @@ import json
 
 from dala_model import runs, storage
 from dala_model.cli import UsageError
-from dala_model.engine.config import MAGNIFICATIONS
+from dala_model.data.breakhis import check_magnifications
 from dala_model.serving import promotion
 
 
@@ -28,19 +28,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def promote(args: argparse.Namespace) -> int:
-    if args.magnification not in MAGNIFICATIONS:
-        raise UsageError(
-            f"--magnification must be one of {MAGNIFICATIONS}, got {args.magnification}"
-        )
+    try:
+        check_magnifications([args.magnification], what="--magnification")
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.run_id:
         run = runs.run_folder(args.root, args.run_id)
-        summary = runs.read_summary(run) or {}  # none: promote() says the run is not complete
-        if summary and (summary.get("model"), summary.get("magnification")) != (
+        summary = runs.load_summary(run)  # None: promote() says the run is not complete
+        if summary is not None and (summary.model, summary.magnification) != (
             args.model,
             args.magnification,
         ):
             raise UsageError(
-                f"run {args.run_id} is {summary.get('model')} at {summary.get('magnification')}X, "
+                f"run {args.run_id} is {summary.model} at {summary.magnification}X, "
                 f"not --model {args.model} --magnification {args.magnification}"
             )
         result = promotion.promote(
@@ -49,18 +49,19 @@ def promote(args: argparse.Namespace) -> int:
     else:
         run = _best_run(args.root, args.model, args.magnification)
         result = promotion.promote(args.root, run, reason="dala promote: best complete run")
-    record = result.record
+    record = result.current
     verb = "promoted" if result.promoted else "kept current"
     print(
-        f"{verb} {record['model']} {record['magnification']}X: run {record['run_id']}, "
-        f"version {record['model_version'][:12]} ({result.reason})"
+        f"{verb} {record.model} {record.magnification}X: run {record.run_id}, "
+        f"version {record.model_version[:12]} ({result.reason})"
     )
     return 0
 
 
 def current(args: argparse.Namespace) -> int:
     if args.json:
-        print(json.dumps(promotion.list_current(args.root), indent=2, default=float))
+        records = [r.model_dump() for r in promotion.current_records(args.root)]
+        print(json.dumps(records, indent=2, default=float))
         return 0
     print_current(args.root)
     return 0
@@ -68,7 +69,7 @@ def current(args: argparse.Namespace) -> int:
 
 def print_current(root: str) -> None:
     """One line per served (model, magnification): version, run, validation score, data/code version."""
-    records = promotion.list_current(root)
+    records = promotion.current_records(root)
     if not records:
         print(
             f"no models promoted under {storage.redact(root)} yet (run train-breakhis or `dala promote`)"
@@ -78,8 +79,8 @@ def print_current(root: str) -> None:
     print(header)
     for r in records:
         print(
-            f"{r['model']:<16} {str(r['magnification']) + 'X':>5}  {r['model_version'][:12]:<12}  {r['run_id']:<36} "
-            f"{r['monitor']:<13} {r['score']:>6.3f}  {r['data_version']:<16} {r['code_version']:<24} {r['promoted_at']}"
+            f"{r.model:<16} {str(r.magnification) + 'X':>5}  {r.model_version[:12]:<12}  {r.run_id:<36} "
+            f"{r.monitor:<13} {r.score:>6.3f}  {r.data_version:<16} {r.code_version:<24} {r.promoted_at}"
         )
 
 
@@ -89,12 +90,11 @@ def _best_run(root: str, model: str, magnification: int) -> str:
         folders = runs.list_runs(root)
     except FileNotFoundError:
         folders = []
+    complete = [(f.record, f.uri) for f in folders if f.complete]
     candidates = [
-        (promotion.ranking_score(f.summary), f.uri)
-        for f in folders
-        if f.complete
-        and f.summary.get("model") == model
-        and int(f.summary.get("magnification", 0)) == magnification
+        (promotion.ranking_score(summary), uri)
+        for summary, uri in complete
+        if summary.model == model and summary.magnification == magnification
     ]
     if not candidates:
         raise UsageError(

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from dala_model.cli import UsageError
 from dala_model.engine.config import TrainConfig
+from dala_model.runs import RunConfigRecord
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,7 +108,11 @@ def _read_config(path: Path) -> dict:
     except (OSError, json.JSONDecodeError) as exc:
         raise UsageError(f"--config {path}: cannot read a JSON TrainConfig ({exc})") from None
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
-        data = data["config"]  # a run folder's config.json records the config under "config"
+        # a run folder's config.json: its TrainConfig is recorded under "config"
+        try:
+            data = RunConfigRecord.parse(data, str(path)).config
+        except ValueError as exc:
+            raise UsageError(f"--config {exc}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a JSON object of TrainConfig fields")
     return data

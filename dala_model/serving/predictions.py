@@ -41,9 +41,10 @@ from dala_model.data.dataset import decode_pngs
 from dala_model.data.manifest import read_manifest
 from dala_model.device import resolve_device, resolve_precision
 from dala_model.engine.inference import predict_proba
+from dala_model.layout import RootLayout
 from dala_model.metrics import classification_metrics
 from dala_model.models.checkpoint import load_model, read_model_config
-from dala_model.serving.promotion import current
+from dala_model.serving.promotion import RegistryRecord, current_record
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +82,7 @@ class ScoreResult:
 def predictions_uri(
     root: str, model: str, model_version: str | None = None, magnification: int | None = None
 ) -> str:
-    parts = [f"model={model}"]
-    if model_version is not None:
-        parts.append(f"version={model_version}")
-        if magnification is not None:
-            parts.append(f"magnification={int(magnification)}")
-    return storage.join(root, "predictions", *parts)
+    return RootLayout(root).predictions(model, model_version, magnification)
 
 
 def read_predictions(root: str, model: str, *, dedupe: bool = True) -> pd.DataFrame:
@@ -137,14 +133,14 @@ def score_magnification(
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
-    record = current(root, model, magnification)
+    record = current_record(root, model, magnification)
     if record is None:
         raise LookupError(
             f"no current {model} model for {magnification}X under {storage.redact(root)}: train one "
             f"(train-breakhis) or pin one with `dala promote {storage.redact(root)} --model {model} "
             f"--magnification {magnification} --run RUN_ID`"
         )
-    version = record["model_version"]
+    version = record.model_version
     manifest = read_manifest(root)
     rows = manifest[manifest["magnification"] == magnification]
     if image_ids is not None:
@@ -173,13 +169,21 @@ def score_magnification(
 
 
 def _score(
-    root, record, pending, result, *, flow_run_id, threshold, batch_size, chunk_size, device
+    root: str,
+    record: RegistryRecord,
+    pending: pd.DataFrame,
+    result: ScoreResult,
+    *,
+    flow_run_id: str,
+    threshold: float,
+    batch_size: int,
+    chunk_size: int,
+    device: str,
 ) -> None:
-    config = record["config"]
-    size, preset = int(config["image_size"]), config["preset"]
+    size, preset = int(record.config["image_size"]), record.config["preset"]
     target = resolve_device(device)
     dtype = resolve_precision("auto", target)
-    checkpoint = record["checkpoint_uri"]
+    checkpoint = record.checkpoint_uri
     if read_model_config(checkpoint)["weights_sha256"] != result.model_version:
         raise ValueError(
             f"{storage.redact(checkpoint)} no longer holds model_version {result.model_version[:12]}: "
@@ -249,7 +253,7 @@ def _pixels(root: str, chunk: pd.DataFrame, size: int, cached: set[str]) -> np.n
 
 
 def _batch_report(
-    root: str, record: dict, manifest: pd.DataFrame, flow_run_id: str, written: list[str]
+    root: str, record: RegistryRecord, manifest: pd.DataFrame, flow_run_id: str, written: list[str]
 ) -> tuple[dict | None, str | None]:
     """IBA/G-mean and the rest for the images this flow run scored, retries included.
 
@@ -258,11 +262,7 @@ def _batch_report(
     rewrites the same part keys with its own ``flow_run_id`` (same images, same model, same
     probabilities), which must not shrink this run's report.
     """
-    model, magnification, version = (
-        record["model"],
-        int(record["magnification"]),
-        record["model_version"],
-    )
+    model, magnification, version = record.model, record.magnification, record.model_version
     frames = []
     try:
         uris = storage.list_files(
@@ -298,9 +298,7 @@ def _batch_report(
         "threshold": float(labelled["threshold"].iloc[0]),
         "metrics": metrics,
     }
-    uri = storage.join(
-        root, "predictions", "reports", f"model={model}", flow_run_id, f"{magnification}x.json"
-    )
+    uri = RootLayout(root).batch_report(model, flow_run_id, magnification)
     storage.write_bytes_atomic(
         uri, json.dumps(report, indent=2, sort_keys=True, default=float).encode()
     )

@@ -17,6 +17,11 @@ after a run folder is reused or a model is re-promoted.
 Concurrency: two promotions of the same (model, magnification) racing each other both compare
 against the pointer they read; the later write wins and both appear in the log. Promotions are
 rare, operator- or flow-driven events, so no lock service is worth its cost here.
+
+Both files hold one :class:`RegistryRecord` (with a ``schema_version``; pointers written before it
+existed load as version 1): batch inference and ``dala models current`` read the typed record,
+so a pointer with an unknown or missing key fails naming the file. :func:`current`,
+:func:`list_current` and :func:`promotions` still return the raw dicts for older callers.
 """
 
 from __future__ import annotations
@@ -24,51 +29,112 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from dala_model import runs, storage
+from dala_model.layout import CURRENT, RootLayout
 from dala_model.metrics import MONITORS, monitor_score
+from dala_model.runs import Record, RunMetrics, RunSummary, VersionedRecord
 
 
-# TrainConfig.monitor -> (key in run.json's metrics.val, sign that makes larger better)
+class Candidate(Record):
+    """What a completed run would serve as: its checkpoint, scores and provenance."""
+
+    model: str
+    magnification: int
+    model_version: str  # sha256 of the checkpoint's weights file
+    checkpoint_uri: str
+    run_id: str
+    run_uri: str
+    monitor: str  # the run's TrainConfig.monitor; ``score`` is its metric in metrics.val
+    score: float
+    metrics: RunMetrics
+    config: dict[str, Any]
+    data_version: str
+    code_version: str
+    best_epoch: int
+
+    def val(self, monitor: str) -> float | None:
+        """This record's validation value of ``monitor``'s metric, or None when it has none."""
+        return self.metrics.val.get(MONITORS[monitor][0])
+
+
+class RegistryRecord(VersionedRecord, Candidate):
+    """``current.json`` and each ``promotions/*.json``: a candidate as and when it was promoted."""
+
+    promoted_at: str  # ISO 8601, UTC
+    reason: str
+    previous_version: str | None  # the model_version it replaced
+
+
 @dataclass(frozen=True)
 class Promotion:
-    """The outcome of :func:`promote`: whether the candidate now serves, why, and its record."""
+    """The outcome of :func:`promote`: whether the candidate now serves, why, and what serves."""
 
     promoted: bool
     reason: str
-    record: dict
-    previous: dict | None
+    current: RegistryRecord | None  # the candidate when promoted, else the record kept serving
+    previous: RegistryRecord | None
+
+    @property
+    def record(self) -> dict:
+        """``current`` as a dict ({} when nothing serves), for callers not yet on the record."""
+        return self.current.model_dump() if self.current is not None else {}
 
 
 def registry_uri(root: str, model: str, magnification: int) -> str:
-    return storage.join(root, "models", model, str(int(magnification)))
+    return RootLayout(root).registry(model, magnification)
+
+
+def current_record(root: str, model: str, magnification: int) -> RegistryRecord | None:
+    """The serving record of (model, magnification), or None when nothing was promoted yet."""
+    uri = RootLayout(root).current_pointer(model, magnification)
+    return RegistryRecord.load(uri) if storage.exists(uri) else None
+
+
+def current_records(root: str) -> list[RegistryRecord]:
+    """Every serving record under ``root``, sorted by model then magnification."""
+    records = [RegistryRecord.load(uri) for uri in _pointers(root)]
+    return sorted(records, key=lambda r: (r.model, r.magnification))
+
+
+def promotion_records(root: str, model: str, magnification: int) -> list[RegistryRecord]:
+    """The promotion log of (model, magnification), oldest first."""
+    return [RegistryRecord.load(uri) for uri in _log(root, model, magnification)]
 
 
 def current(root: str, model: str, magnification: int) -> dict | None:
-    """The serving record of (model, magnification), or None when nothing was promoted yet."""
-    uri = storage.join(registry_uri(root, model, magnification), "current.json")
+    """:func:`current_record` as the raw dict in ``current.json``, unchecked."""
+    uri = RootLayout(root).current_pointer(model, magnification)
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
 def list_current(root: str) -> list[dict]:
-    """Every serving record under ``root``, sorted by model then magnification."""
-    base = storage.join(root, "models")
-    try:
-        uris = storage.list_files(base, suffixes=(".json",))
-    except FileNotFoundError:
-        return []
-    records = [json.loads(storage.read_bytes(u)) for u in uris if u.endswith("/current.json")]
+    """:func:`current_records` as the raw dicts, unchecked."""
+    records = [json.loads(storage.read_bytes(uri)) for uri in _pointers(root)]
     return sorted(records, key=lambda r: (r["model"], r["magnification"]))
 
 
 def promotions(root: str, model: str, magnification: int) -> list[dict]:
-    """The promotion log of (model, magnification), oldest first."""
-    base = storage.join(registry_uri(root, model, magnification), "promotions")
+    """:func:`promotion_records` as the raw dicts, unchecked."""
+    return [json.loads(storage.read_bytes(uri)) for uri in _log(root, model, magnification)]
+
+
+def _pointers(root: str) -> list[str]:
     try:
-        uris = storage.list_files(base, suffixes=(".json",))
+        uris = storage.list_files(RootLayout(root).models(), suffixes=(".json",))
     except FileNotFoundError:
         return []
-    return [json.loads(storage.read_bytes(u)) for u in uris]
+    return [uri for uri in uris if uri.endswith(f"/{CURRENT}")]
+
+
+def _log(root: str, model: str, magnification: int) -> list[str]:
+    try:
+        return storage.list_files(
+            RootLayout(root).promotion_log(model, magnification), suffixes=(".json",)
+        )
+    except FileNotFoundError:
+        return []
 
 
 def model_version(best_uri: str) -> str:
@@ -80,43 +146,40 @@ def model_version(best_uri: str) -> str:
     return read_model_config(best_uri)["weights_sha256"]
 
 
-def ranking_score(summary: dict) -> float:
+def ranking_score(summary: RunSummary) -> float:
     """A completed run's validation score on its own monitor, oriented so that larger is better."""
-    return monitor_score(
-        summary["config"].get("monitor", "val_accuracy"), summary["metrics"]["val"]
-    )
+    return monitor_score(summary.monitor, summary.metrics.val)
 
 
-def candidate_record(run_uri: str) -> dict:
+def candidate_record(run_uri: str) -> Candidate:
     """The registry record a completed run would get, read from its ``run.json`` and ``best/``."""
-    summary = runs.read_summary(run_uri)
+    summary = runs.load_summary(run_uri)
     if summary is None:
         raise FileNotFoundError(
             f"{storage.redact(storage.join(run_uri, runs.SUMMARY))} does not exist: only a "
             "completed training run can be promoted; finish it with `dala train ... --resume` first"
         )
-    if summary.get("status") != "complete":
+    if not summary.complete:
         raise ValueError(
-            f"run {storage.redact(run_uri)} has status {summary.get('status')!r}, not 'complete'"
+            f"run {storage.redact(run_uri)} has status {summary.status!r}, not 'complete'"
         )
-    best_uri = storage.join(run_uri, "best")
-    monitor = summary["config"].get("monitor", "val_accuracy")
-    key, _ = MONITORS[monitor]
-    return {
-        "model": summary["model"],
-        "magnification": int(summary["magnification"]),
-        "model_version": model_version(best_uri),
-        "checkpoint_uri": best_uri,
-        "run_id": summary["run_id"],
-        "run_uri": run_uri,
-        "monitor": monitor,
-        "score": summary["metrics"]["val"][key],
-        "metrics": summary["metrics"],
-        "config": summary["config"],
-        "data_version": summary["data_version"],
-        "code_version": summary["code_version"],
-        "best_epoch": summary["best_epoch"],
-    }
+    best_uri = storage.join(run_uri, runs.BEST)
+    key, _ = MONITORS[summary.monitor]
+    return Candidate(
+        model=summary.model,
+        magnification=summary.magnification,
+        model_version=model_version(best_uri),
+        checkpoint_uri=best_uri,
+        run_id=summary.run_id,
+        run_uri=run_uri,
+        monitor=summary.monitor,
+        score=summary.metrics.val[key],
+        metrics=summary.metrics,
+        config=summary.config,
+        data_version=summary.data_version,
+        code_version=summary.code_version,
+        best_epoch=summary.best_epoch,
+    )
 
 
 def promote(root: str, run_uri: str, *, force: bool = False, reason: str = "") -> Promotion:
@@ -127,45 +190,43 @@ def promote(root: str, run_uri: str, *, force: bool = False, reason: str = "") -
     same run is a no-op. ``force`` pins the candidate regardless (an operator's explicit choice).
     """
     candidate = candidate_record(run_uri)
-    model, magnification = candidate["model"], candidate["magnification"]
-    previous = current(root, model, magnification)
+    previous = current_record(root, candidate.model, candidate.magnification)
     decision = _decide(candidate, previous, force)
     if decision is None:
-        return Promotion(False, _why_not(candidate, previous), previous or {}, previous)
+        return Promotion(False, _why_not(candidate, previous), previous, previous)
     now = datetime.now(UTC)
-    record = {
-        **candidate,
-        "promoted_at": now.isoformat(),
-        "reason": reason or decision,
-        "previous_version": previous["model_version"] if previous else None,
-    }
-    base = registry_uri(root, model, magnification)
-    log_key = f"{now:%Y%m%dT%H%M%S%fZ}-{record['model_version'][:12]}.json"
-    payload = json.dumps(record, indent=2, sort_keys=True, default=float).encode()
-    storage.write_bytes_atomic(storage.join(base, "promotions", log_key), payload)
-    storage.write_bytes_atomic(storage.join(base, "current.json"), payload)
-    return Promotion(True, record["reason"], record, previous)
+    record = RegistryRecord(
+        **dict(candidate),
+        promoted_at=now.isoformat(),
+        reason=reason or decision,
+        previous_version=previous.model_version if previous else None,
+    )
+    layout = RootLayout(root)
+    log_key = f"{now:%Y%m%dT%H%M%S%fZ}-{record.model_version[:12]}.json"
+    payload = json.dumps(record.model_dump(), indent=2, sort_keys=True, default=float).encode()
+    storage.write_bytes_atomic(
+        storage.join(layout.promotion_log(record.model, record.magnification), log_key), payload
+    )
+    storage.write_bytes_atomic(layout.current_pointer(record.model, record.magnification), payload)
+    return Promotion(True, record.reason, record, previous)
 
 
-def _decide(candidate: dict, previous: dict | None, force: bool) -> str | None:
+def _decide(candidate: Candidate, previous: RegistryRecord | None, force: bool) -> str | None:
     if force:
         return "forced by operator"
     if previous is None:
         return "first model for this magnification"
-    if previous["model_version"] == candidate["model_version"]:
+    if previous.model_version == candidate.model_version:
         return None
-    key, sign = MONITORS[candidate["monitor"]]
-    theirs = previous["metrics"]["val"].get(key)
-    if theirs is None or sign * candidate["metrics"]["val"][key] > sign * theirs:
-        return f"{candidate['monitor']} {candidate['metrics']['val'][key]:.4f} beats {theirs}"
+    _, sign = MONITORS[candidate.monitor]
+    theirs = previous.val(candidate.monitor)
+    if theirs is None or sign * candidate.score > sign * theirs:
+        return f"{candidate.monitor} {candidate.score:.4f} beats {theirs}"
     return None
 
 
-def _why_not(candidate: dict, previous: dict | None) -> str:
-    if previous is not None and previous["model_version"] == candidate["model_version"]:
+def _why_not(candidate: Candidate, previous: RegistryRecord | None) -> str:
+    if previous is not None and previous.model_version == candidate.model_version:
         return "already current"
-    key, _ = MONITORS[candidate["monitor"]]
-    return (
-        f"{candidate['monitor']} {candidate['metrics']['val'][key]:.4f} does not beat the current "
-        f"{previous['metrics']['val'].get(key) if previous else None}"
-    )
+    theirs = previous.val(candidate.monitor) if previous else None
+    return f"{candidate.monitor} {candidate.score:.4f} does not beat the current {theirs}"
