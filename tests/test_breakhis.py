@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, UnparseableName, parse_breakhis_path
@@ -25,7 +27,8 @@ def test_every_subtype_and_magnification_in_archive_and_flat_layouts(code, magni
             code,
             subtype,
         )
-        assert (name.patient_id, name.magnification, name.seq) == ("14-22549AB", magnification, 7)
+        assert (name.patient_id, name.slide_id) == ("14-22549", "14-22549AB")
+        assert (name.magnification, name.seq) == (magnification, 7)
         assert name.label_id == (0 if label == "benign" else 1)
     assert name.archive_path() == archive.split("histology_slides/")[1]
 
@@ -65,7 +68,7 @@ def test_quirk_slide_14_13412_keeps_each_subtype_and_one_patient():
         ("image_0001.png", "not a BreakHis name"),
         ("", "empty path"),
         # folders that contradict the name: moved or renamed by hand
-        ("SOB_B_A_14-22549CD/40X/SOB_B_A-14-22549AB-40-001.png", "patient_id"),
+        ("SOB_B_A_14-22549CD/40X/SOB_B_A-14-22549AB-40-001.png", "slide_id"),
         ("SOB_B_A_14-22549AB/100X/SOB_B_A-14-22549AB-40-001.png", "magnification"),
         ("breast/malignant/SOB/adenosis/x/SOB_B_A-14-22549AB-40-001.png", "label"),
         ("breast/benign/SOB/fibroadenoma/SOB_B_A-14-22549AB-40-001.png", "subtype"),
@@ -79,3 +82,26 @@ def test_bad_names_are_rejected_with_a_reason(path, message):
 def test_extensions_are_case_insensitive_and_other_image_formats_parse():
     for suffix in (".PNG", ".jpg", ".jpeg", ".tif", ".TIFF"):
         assert parse_breakhis_path(f"SOB_M_PC-15-190EF-400-12{suffix}").seq == 12
+
+
+def test_lettered_slides_of_one_case_are_one_patient_in_the_real_sample():
+    """../shared/breakhis-sample: 14-22549AB/CD/G and 14-29960AB (fibroadenoma) + CD (adenosis)."""
+    root = Path(__file__).resolve().parents[2] / "shared" / "breakhis-sample"
+    if not root.is_dir():
+        pytest.skip("the real BreakHis sample is not beside this checkout")
+    names = [parse_breakhis_path(str(p.relative_to(root))) for p in root.rglob("*.png")]
+    slides: dict[str, set[str]] = {}
+    subtypes: dict[str, set[str]] = {}
+    for name in names:
+        slides.setdefault(name.patient_id, set()).add(name.slide_id)
+        subtypes.setdefault(name.patient_id, set()).add(name.subtype)
+    assert slides["14-22549"] == {"14-22549AB", "14-22549CD", "14-22549G"}
+    assert slides["14-29960"] == {"14-29960AB", "14-29960CD"}
+    assert subtypes["14-29960"] == {"fibroadenoma", "adenosis"}
+    n_slides = sum(len(s) for s in slides.values())
+    assert len(slides) < n_slides  # folders collapse into fewer cases
+
+
+def test_a_slide_id_must_start_with_its_case_number():
+    with pytest.raises(UnparseableName, match="slide id"):
+        parse_breakhis_path("SOB_B_A-14-AB22549-40-001.png")

@@ -113,7 +113,7 @@ def test_ingest_checks_every_field_and_every_quarantine_reason(
     }
     assert sorted(manifest["relpath"]) == sorted(expected_good)
     assert manifest.columns.tolist() == MANIFEST_SCHEMA.names
-    assert manifest.attrs["dala.schema_version"] == "1"
+    assert manifest.attrs["dala.schema_version"] == "2"
     for row in manifest.to_dict("records"):
         data = expected_good[row["relpath"]]
         name = parse_breakhis_path(row["relpath"])
@@ -226,7 +226,18 @@ def test_real_breakhis_sample(breakhis_sample, tmp_path):
     result = ingest(str(breakhis_sample), str(tmp_path / "root"), workers=2, cache_size=None)
     manifest = read_manifest(str(tmp_path / "root"))
     assert (result.images, result.quarantined, result.duplicates) == (106, 0, 0)
-    assert manifest["patient_id"].nunique() == 37
+    # 37 slide folders are 31 cases: 14-22549 (AB, CD, G), 14-29960 (AB, CD), 14-14134 (plain, E),
+    # 14-16184 (plain, CD) and 14-19979 (plain, C) each have several lettered slides.
+    assert manifest["slide_id"].nunique() == 37
+    assert manifest["patient_id"].nunique() == 31
+    slides = manifest.groupby("patient_id")["slide_id"].nunique()
+    assert set(slides[slides > 1].index) == {
+        "14-22549",
+        "14-29960",
+        "14-14134",
+        "14-16184",
+        "14-19979",
+    }
     assert set(manifest["subtype_code"]) == {"A", "F", "PT", "TA", "DC", "LC", "MC", "PC"}
     assert manifest.groupby("label").size().to_dict() == {"benign": 64, "malignant": 42}
     assert manifest.groupby("magnification").size().to_dict() == {40: 47, 100: 18, 200: 18, 400: 23}

@@ -10,7 +10,14 @@ import pytest
 
 from dala_model import storage
 from dala_model.data.manifest import MANIFEST_SCHEMA, SCHEMA_VERSION, data_version, manifest_uri
-from dala_model.data.splits import check_patient_disjoint, make_split, read_split, split_frame
+from dala_model.data.splits import (
+    check_patient_disjoint,
+    make_split,
+    read_split,
+    split_frame,
+    split_hash,
+    split_identity,
+)
 
 
 def _manifest(patients: int = 30, seed: int = 0) -> pd.DataFrame:
@@ -38,6 +45,8 @@ def _manifest(patients: int = 30, seed: int = 0) -> pd.DataFrame:
                         "subtype": "x",
                         "subtype_code": "X",
                         "patient_id": f"14-{p}",
+                        # every third case has two lettered slides (14-22549AB/CD in BreakHis)
+                        "slide_id": f"14-{p}" + ("" if p % 3 else ("AB", "CD")[seq % 2]),
                         "magnification": magnification,
                         "seq": seq + 1,
                         "procedure": "SOB",
@@ -134,7 +143,7 @@ def test_bad_parameters_are_rejected(tmp_path, kwargs, message):
         _manifest(),
         manifest_uri(root),
         schema=MANIFEST_SCHEMA,
-        metadata={"dala.schema_version": "1"},
+        metadata={"dala.schema_version": SCHEMA_VERSION},
     )
     with pytest.raises(ValueError, match=message):
         make_split(root, **{"scheme": "paper", **kwargs})
@@ -149,7 +158,58 @@ def test_split_records_the_data_version_and_missing_split_is_a_clear_error(tmp_p
         _manifest(),
         manifest_uri(root),
         schema=MANIFEST_SCHEMA,
-        metadata={"dala.schema_version": "1"},
+        metadata={"dala.schema_version": SCHEMA_VERSION},
     )
     make_split(root, "patient")
     assert read_split(root, "patient").attrs["dala.manifest_version"] == data_version(_manifest())
+
+
+def test_a_patient_has_one_split_at_every_magnification(root):
+    make_split(root, "patient", seed=2)
+    merged = read_split(root, "patient").merge(
+        _manifest()[["image_id", "patient_id", "slide_id"]], on="image_id"
+    )
+    assert merged.groupby("patient_id")["split"].nunique().max() == 1
+    # cases with two slides exist, and both slides of a case share one split
+    multi = merged.groupby("patient_id")["slide_id"].nunique()
+    assert (multi > 1).sum() >= 5
+
+
+def test_group_by_slide_reproduces_folder_level_grouping(root):
+    manifest = _manifest()
+    by_slide = split_frame(manifest, "patient", seed=0, group_by="slide")
+    merged = by_slide.merge(manifest[["image_id", "patient_id", "slide_id"]], on="image_id")
+    assert merged.groupby("slide_id")["split"].nunique().max() == 1
+    check_patient_disjoint(by_slide, manifest, group_by="slide")
+    make_split(root, "patient", seed=0, group_by="slide")
+    assert read_split(root, "patient").attrs["dala.group_by"] == "slide"
+    with pytest.raises(ValueError, match="group_by"):
+        split_frame(manifest, "patient", group_by="folder")
+
+
+@pytest.mark.parametrize("unit", ["slide_id", "sha256"])
+def test_disjointness_check_catches_a_planted_slide_or_content_straddle(unit):
+    manifest = _manifest()
+    split = split_frame(manifest, "patient", seed=0, group_by="slide")
+    train = split[split["split"] == "train"]["image_id"].iloc[0]
+    test = split[split["split"] == "test"]["image_id"].iloc[0]
+    planted = manifest.copy()
+    source = planted.loc[planted["image_id"] == train, unit].iloc[0]
+    planted.loc[planted["image_id"] == test, unit] = source
+    name = {"slide_id": "slide", "sha256": "image content"}[unit]
+    with pytest.raises(ValueError, match=f"{name} leakage"):
+        check_patient_disjoint(split, planted, group_by="slide")
+
+
+def test_split_identity_is_recorded_and_hashes_the_assignment(root):
+    make_split(root, "patient", seed=4)
+    identity = split_identity(root, "patient")
+    assert identity["scheme"] == "patient" and identity["seed"] == 4
+    assert identity["group_by"] == "patient" and identity["fractions"] == [0.6, 0.1, 0.3]
+    assert identity["hash"] == split_hash(read_split(root, "patient"))
+    balance = json.loads(read_split(root, "patient").attrs["dala.balance"])
+    assert set(balance) == {f"{m}/{c}" for m in (40, 100, 200, 400) for c in (0, 1)}
+    make_split(root, "patient", seed=5)
+    assert split_identity(root, "patient")["hash"] != identity["hash"]
+    make_split(root, "patient", seed=4)
+    assert split_identity(root, "patient")["hash"] == identity["hash"]

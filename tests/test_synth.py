@@ -61,3 +61,29 @@ def test_malignant_images_carry_more_and_darker_nuclei(tmp_path):
     assert np.mean(stained["malignant"]) > 1.3 * np.mean(stained["benign"])
     # ...but not trivially: the classes overlap image by image
     assert min(stained["malignant"]) < max(stained["benign"])
+
+
+def test_larger_sets_have_cases_with_two_lettered_slides_of_different_subtypes():
+    slides = patients_for(40, seed=0)
+    names = [
+        parse_breakhis_path(f"SOB_{SUBTYPES[code][0][0].upper()}_{code}-{slide}-40-001.png")
+        for code, slide in slides
+    ]
+    by_case: dict[str, list] = {}
+    for name in names:
+        by_case.setdefault(name.patient_id, []).append(name)
+    multi = {case: group for case, group in by_case.items() if len(group) > 1}
+    assert len(multi) >= 5 and len(by_case) == len(slides) - len(multi)
+    for group in multi.values():
+        assert sorted(n.slide_id[-2:] for n in group) == ["AB", "CD"]
+        assert len({n.subtype for n in group}) == 2 and len({n.label for n in group}) == 1
+    # small sets keep one slide per case, so every split still receives a case of each class
+    assert (
+        len(
+            {
+                parse_breakhis_path(f"SOB_B_A-{s}-40-001.png").patient_id
+                for _, s in patients_for(8, 0)
+            }
+        )
+        == 8
+    )

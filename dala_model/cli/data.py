@@ -47,6 +47,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar=("TRAIN", "VAL", "TEST"),
     )
     split.add_argument("--folds", type=int, default=5)
+    split.add_argument(
+        "--group-by",
+        choices=("patient", "slide"),
+        default="patient",
+        help="patient (default): a case's lettered slides (14-22549AB/CD/G) stay together; "
+        "slide: group by slide folder only, to reproduce folder-level splits (cases may straddle)",
+    )
     split.set_defaults(func=_split)
 
 
@@ -84,12 +91,21 @@ def _cache(args: argparse.Namespace) -> int:
 
 
 def _split(args: argparse.Namespace) -> int:
-    from dala_model.data.splits import make_split, read_split
+    from dala_model.data.splits import make_split, split_identity, split_report
 
     uri = make_split(
-        args.root, args.scheme, seed=args.seed, fractions=args.fractions, folds=args.folds
+        args.root,
+        args.scheme,
+        seed=args.seed,
+        fractions=args.fractions,
+        folds=args.folds,
+        group_by=args.group_by,
     )
-    counts = read_split(args.root, args.scheme).groupby(["magnification", "split"]).size()
+    identity = split_identity(args.root, args.scheme)
     print(f"wrote {uri}")
-    print(counts.unstack(fill_value=0).to_string())
+    print(
+        f"split {identity['hash']}: scheme {identity['scheme']}, seed {identity['seed']}, "
+        f"grouped by {identity['group_by']}, from manifest {identity['manifest_version']}"
+    )
+    print(split_report(args.root, args.scheme).to_string())
     return 0

@@ -8,15 +8,24 @@ present they must agree with the file name; a disagreement means the file was mo
 hand, so the path is rejected (``UnparseableName``, quarantined by ingest) instead of trusting
 either side. Flat folders of BreakHis-named files carry no such folders and parse from the name.
 
+The patient is the *case*, not the slide folder. The name's third field is a slide id such as
+``14-22549AB``: the case number ``14-22549`` followed by the letters of the slides cut from it.
+BreakHis cases with several lettered slides are one patient: in the public archive 9 case numbers
+cover 20 slide folders (14-22549 has AB, CD and G; 14-29960AB is a fibroadenoma and 14-29960CD an
+adenosis of the same case), so the 24 benign "patients" of a folder count are about 16 cases.
+``slide_id`` keeps the folder's id; ``patient_id`` is the case number (the id without its letters),
+and every patient-disjoint split groups by it, so two slides of one case never straddle a split.
+
 Slide ``14-13412`` is a known archive quirk: it appears under both ductal (DC) and lobular (LC)
 carcinoma. Each file keeps the subtype its own name gives, and both share the patient id
-``14-13412``. Patient-disjoint splits group by ``patient_id``, so that patient's images always land
-in one split together, whatever their subtype; both subtypes are malignant, so its label is unique.
+``14-13412``, so that patient's images always land in one split together, whatever their subtype;
+both subtypes are malignant, so its label is unique.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 SUBTYPES: dict[str, tuple[str, str]] = {
@@ -46,6 +55,28 @@ _SLIDE_DIR = re.compile(
 )
 _MAG_DIR = re.compile(r"^(?P<mag>\d+)X$")
 _SUBTYPE_NAMES = {name: code for code, (_, name) in SUBTYPES.items()}
+_CASE = re.compile(r"^\d{2}-\d+")
+
+
+def case_of(slide_id: str) -> str:
+    """The case (patient) a BreakHis slide id belongs to: ``14-22549AB`` -> ``14-22549``."""
+    match = _CASE.match(slide_id)
+    if match is None:
+        raise UnparseableName(f"{slide_id!r} is not a BreakHis slide id like '14-22549AB'")
+    return match.group(0)
+
+
+def check_magnifications(values: Iterable[int], what: str = "magnification") -> list[int]:
+    """``values`` as a list, or a ValueError naming each value that is not a BreakHis magnification.
+
+    The one check of this rule: the training config, the flows' parameters and ``dala promote``
+    all call it, so they accept and refuse the same values with the same message."""
+    values = list(values)
+    unknown = [value for value in values if value not in MAGNIFICATIONS]
+    if unknown:
+        named = ", ".join(repr(value) for value in unknown)
+        raise ValueError(f"{what} must be one of {MAGNIFICATIONS}, got {named}")
+    return values
 
 
 class UnparseableName(ValueError):
@@ -58,9 +89,14 @@ class BreakHisName:
     label: str
     subtype_code: str
     subtype: str
-    patient_id: str
+    slide_id: str  # the slide folder's id, e.g. 14-22549AB
     magnification: int
     seq: int
+
+    @property
+    def patient_id(self) -> str:
+        """The case number (``14-22549``): the unit every patient-disjoint split groups by."""
+        return case_of(self.slide_id)
 
     @property
     def label_id(self) -> int:
@@ -70,14 +106,14 @@ class BreakHisName:
     def filename(self, suffix: str = ".png") -> str:
         cls = self.label[0].upper()
         return (
-            f"{self.procedure}_{cls}_{self.subtype_code}-{self.patient_id}"
+            f"{self.procedure}_{cls}_{self.subtype_code}-{self.slide_id}"
             f"-{self.magnification}-{self.seq:03d}{suffix}"
         )
 
     def archive_path(self, suffix: str = ".png") -> str:
         """The file's path in the official archive layout, below ``histology_slides/``."""
         cls = self.label[0].upper()
-        slide = f"{self.procedure}_{cls}_{self.subtype_code}_{self.patient_id}"
+        slide = f"{self.procedure}_{cls}_{self.subtype_code}_{self.slide_id}"
         return (
             f"breast/{self.label}/{self.procedure}/{self.subtype}/{slide}"
             f"/{self.magnification}X/{self.filename(suffix)}"
@@ -94,6 +130,7 @@ def parse_breakhis_path(path: str) -> BreakHisName:
         raise UnparseableName(
             f"{parts[-1]!r} is not a BreakHis name like 'SOB_B_A-14-22549AB-40-001.png'"
         )
+    case_of(match["patient"])  # a slide id must start with its case number
     code = match["code"].upper()
     label, subtype = SUBTYPES[code]
     if CLASS_CODES[match["cls"].upper()] != label:
@@ -105,7 +142,7 @@ def parse_breakhis_path(path: str) -> BreakHisName:
         label=label,
         subtype_code=code,
         subtype=subtype,
-        patient_id=match["patient"],
+        slide_id=match["patient"],
         magnification=int(match["mag"]),
         seq=int(match["seq"]),
     )
@@ -125,7 +162,7 @@ def _check_folders(path: str, folders: list[str], name: BreakHisName) -> None:
             found.update(
                 label=CLASS_CODES[slide["cls"]],
                 subtype_code=slide["code"],
-                patient_id=slide["patient"],
+                slide_id=slide["patient"],
             )
         elif mag := _MAG_DIR.match(folder):
             found["magnification"] = int(mag["mag"])

@@ -15,8 +15,9 @@ import pandas as pd
 import pyarrow as pa
 
 from dala_model import storage
+from dala_model.layout import RootLayout
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: patient_id is the case, slide_id added
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -33,7 +34,8 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("label_id", pa.int8(), nullable=False),  # 0 benign, 1 malignant
         pa.field("subtype", pa.string(), nullable=False),
         pa.field("subtype_code", pa.string(), nullable=False),
-        pa.field("patient_id", pa.string(), nullable=False),
+        pa.field("patient_id", pa.string(), nullable=False),  # the case (14-22549): split unit
+        pa.field("slide_id", pa.string(), nullable=False),  # the slide folder (14-22549AB)
         pa.field("magnification", pa.int16(), nullable=False),
         pa.field("seq", pa.int32(), nullable=False),
         pa.field("procedure", pa.string(), nullable=False),
@@ -58,15 +60,15 @@ DUPLICATES_SCHEMA = pa.schema(
 
 
 def manifest_uri(root: str) -> str:
-    return storage.join(root, "manifests", "manifest.parquet")
+    return RootLayout(root).manifest()
 
 
 def quarantine_uri(root: str) -> str:
-    return storage.join(root, "manifests", "quarantine.parquet")
+    return RootLayout(root).quarantine()
 
 
 def duplicates_uri(root: str) -> str:
-    return storage.join(root, "manifests", "duplicates.parquet")
+    return RootLayout(root).duplicates()
 
 
 def read_manifest(root: str) -> pd.DataFrame:

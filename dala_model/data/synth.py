@@ -12,7 +12,9 @@ per-pixel noise: it would triple the PNG encoding time (incompressible) and carr
 
 About 31% of patients are benign (as in BreakHis: 2,480 of 7,909 images), but at least 4 per class
 from 8 patients up; subtypes are dealt round-robin within each class, so 8 or more patients cover
-all 8 subtypes. Every patient gets ``images_per_patient`` images at each of the four magnifications.
+all 8 subtypes. Every slide folder gets ``images_per_patient`` images at each of the four
+magnifications. ``patients`` counts slide folders: from 6 folders per class up, some cases have two
+lettered slides (see :func:`patients_for`), so there are fewer cases (patients) than folders.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from dala_model import storage
-from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, BreakHisName
+from dala_model.data.breakhis import MAGNIFICATIONS, SUBTYPES, BreakHisName, case_of
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +43,31 @@ _MALIGNANT_CODES = [c for c, (label, _) in SUBTYPES.items() if label == "maligna
 
 
 def patients_for(patients: int, seed: int) -> list[tuple[str, str]]:
-    """``(subtype_code, patient_id)`` per synthetic patient: ~31% benign, subtypes round-robin."""
+    """``(subtype_code, slide_id)`` per synthetic slide folder: ~31% benign, subtypes round-robin.
+
+    As in the archive, some cases have several lettered slides: in a class with 6 or more slide
+    folders, every fourth folder is a second slide (``CD``) of the case before it (``AB``), which
+    round-robin subtypes make a different subtype of the same class (14-29960AB is a fibroadenoma,
+    14-29960CD an adenosis). Smaller sets keep one slide per case, so every split still gets a case.
+    """
     if patients < 2:
         raise ValueError(f"patients must be >= 2 (one per class at least), got {patients}")
     rng = np.random.default_rng([seed, 0])
     floor = min(4, patients // 2)  # 4 per class from 8 patients up, so all 8 subtypes appear
     benign = min(patients - floor, max(floor, round(patients * BENIGN_FRACTION)))
-    codes = [_BENIGN_CODES[i % 4] for i in range(benign)]
-    codes += [_MALIGNANT_CODES[i % 4] for i in range(patients - benign)]
-    numbers = rng.choice(np.arange(1000, 30000), size=patients, replace=False)
-    suffixes = ["", "AB", "CD", "EF"]
-    return [
-        (code, f"{14 + i % 2}-{number}{suffixes[i % len(suffixes)]}")
-        for i, (code, number) in enumerate(zip(codes, numbers, strict=True))
-    ]
+    numbers = iter(rng.choice(np.arange(1000, 30000), size=patients, replace=False).tolist())
+    slides = []
+    for codes, count in ((_BENIGN_CODES, benign), (_MALIGNANT_CODES, patients - benign)):
+        plain = ["", "", "E", "C"]
+        for j in range(count):
+            year = 14 + len(slides) % 2
+            if count >= 6 and j % 4 == 3:
+                code, case = slides[-1][0], case_of(slides[-1][1])
+                slides[-1] = (code, f"{case}AB")
+                slides.append((codes[j % 4], f"{case}CD"))
+                continue
+            slides.append((codes[j % 4], f"{year}-{next(numbers)}{plain[j % len(plain)]}"))
+    return slides
 
 
 def generate(
@@ -79,12 +92,12 @@ def generate(
         raise ValueError(f"size must be at least 32x32 pixels, got {size}")
     started = time.perf_counter()
     jobs = []
-    for index, (code, patient_id) in enumerate(patients_for(patients, seed)):
+    for index, (code, slide_id) in enumerate(patients_for(patients, seed)):
         label, subtype = SUBTYPES[code]
         style = _patient_style(label == "malignant", np.random.default_rng([seed, 2, index]))
         for magnification in MAGNIFICATIONS:
             for seq in range(1, images_per_patient + 1):
-                name = BreakHisName("SOB", label, code, subtype, patient_id, magnification, seq)
+                name = BreakHisName("SOB", label, code, subtype, slide_id, magnification, seq)
                 jobs.append((name, style, [seed, 3, index, magnification, seq]))
 
     def write(job: tuple[BreakHisName, dict, list[int]]) -> None:

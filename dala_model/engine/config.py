@@ -7,12 +7,14 @@ rejected before any work starts, with a message naming the field.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dala_model.data.breakhis import MAGNIFICATIONS
+from dala_model.data.breakhis import check_magnifications
 
 
 class TrainConfig(BaseModel):
@@ -60,8 +62,7 @@ class TrainConfig(BaseModel):
     @field_validator("magnification")
     @classmethod
     def _known_magnification(cls, value: int) -> int:
-        if value not in MAGNIFICATIONS:
-            raise ValueError(f"magnification must be one of {MAGNIFICATIONS}, got {value}")
+        check_magnifications([value])
         return value
 
     @field_validator("model")
@@ -104,3 +105,47 @@ class TrainConfig(BaseModel):
             return self.run_id
         fold = f"-fold{self.fold}" if self.fold is not None else ""
         return f"{self.model}-{self.magnification}x-{self.scheme}{fold}-seed{self.seed}"
+
+
+# Fields that say how or where a run executed, not what experiment it is: runs that differ only
+# in these (and in seed/fold, the replicates a table averages over) may be pooled in a report.
+NOT_THE_EXPERIMENT = frozenset(
+    {
+        "root",
+        "seed",
+        "fold",
+        "run_id",
+        "resume",
+        "device",
+        "precision",
+        "channels_last",
+        "compile",
+        "use_cache",
+        "workers",
+    }
+)
+
+
+def config_hash(config: TrainConfig | dict, group_by: str | None = None) -> str:
+    """Hash of everything that defines the experiment: the full config minus ``NOT_THE_EXPERIMENT``,
+    plus the split's grouping (patient or slide). Equal hashes may be averaged; others never are.
+
+    ``config`` may be a TrainConfig or a recorded ``config.json``'s ``config`` dict (old runs)."""
+    data = config.model_dump(mode="json") if isinstance(config, TrainConfig) else dict(config)
+    kept = {key: value for key, value in sorted(data.items()) if key not in NOT_THE_EXPERIMENT}
+    kept["split_group_by"] = group_by
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# What one report section holds fixed while its rows vary: the network and its magnification.
+NOT_THE_SETTING = frozenset({"model", "magnification", "model_options"})
+
+
+def setting_hash(config: TrainConfig | dict, group_by: str | None = None) -> str:
+    """Hash of the training setting: what ``config_hash`` hashes minus the model, its options and
+    the magnification. Runs with one setting hash were trained the same way (epochs, lr, batch,
+    image size, pretrained weights, imbalance handling, monitor, ...) on the same grouping of the
+    same split scheme, so a report may set their models side by side in one table; only equal
+    ``config_hash`` values are ever averaged."""
+    data = config.model_dump(mode="json") if isinstance(config, TrainConfig) else dict(config)
+    return config_hash({k: v for k, v in data.items() if k not in NOT_THE_SETTING}, group_by)

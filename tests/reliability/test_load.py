@@ -77,6 +77,7 @@ _MILLION = textwrap.dedent(
         "label": np.where(patients % 3 == 0, "benign", "malignant"),
         "label_id": (patients % 3 != 0).astype(np.int8), "subtype": "adenosis", "subtype_code": "A",
         "patient_id": pd.Series(patients).map("14-{}".format),
+        "slide_id": pd.Series(patients).map("14-{}".format),
         "magnification": np.array([40, 100, 200, 400], np.int16)[rng.integers(0, 4, n)],
         "seq": np.arange(n, dtype=np.int32), "procedure": "SOB", "source_version": "x",
         "ingested_at": pd.Timestamp("2026-01-01", tz="UTC"),
