@@ -1,0 +1,322 @@
+"""The scoring ingest: check every image of a drop and record it under OUT, never under ROOT.
+
+``ingest_drop(source, out)`` writes ``OUT/manifests/manifest.parquet`` (one row per image
+content, :data:`DROP_MANIFEST_SCHEMA`), ``quarantine.parquet`` and ``duplicates.parquet``. The
+training root's manifest is not read or written: scoring data never becomes training data.
+
+The per-file checks are ingest's (``dala_model.data.ingest``): the same size limits
+(``MAX_FILE_BYTES``, ``MAX_PIXELS``), decoders (PNG, JPEG, TIFF by content) and quarantine
+reasons (``zero_bytes``, ``too_large``, ``not_an_image``, ``truncated``, ``corrupt``,
+``unsupported_mode``), plus the source's own (``dala_model.data.sources``). They are written
+here rather than called through ingest's private ``_inspect`` for two reasons: scoring converts
+more than training ingest accepts (a 16-bit grayscale scan is scaled to 8 bits here, where
+ingest refuses to train on it), and it keeps no pixels between the check and the scoring, so
+memory stays flat however large a drop is. Conversions, by Pillow source mode, with the mode
+recorded in ``mode`` and ``converted`` true: ``RGBA/LA/PA`` drop alpha (as the training cache
+does), ``L/P`` expand to RGB, ``I;16*`` and ``I`` within 0..65535 are scaled by 1/257, ``F``
+within 0..1 by 255. Anything else (CMYK, bilevel, out-of-range ``I``/``F``) is
+``unsupported_mode``.
+
+Accumulating records (a nightly drop prefix is emptied and refilled): the manifest and the
+quarantine keep the rows of earlier drops, keyed by file uri; a uri seen again replaces its own
+row (a file fixed and re-uploaded leaves the quarantine, one that broke enters it). Files of the
+previous manifest whose uri, size and version (ETag/mtime) are unchanged are not read again.
+One row per content: the first uri of a sha256 (earliest ``ingested_at``, then uri) is kept, the
+others go to ``duplicates.parquet``. Two drops racing to rewrite these files may lose one's
+newest records; each run re-checks the files still in its drop, so the next run restores them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from dala_model import storage
+from dala_model.data._pool import bounded_map, default_workers
+from dala_model.data.breakhis import LABELS
+from dala_model.data.ingest import IMAGE_FORMATS, MAX_FILE_BYTES, MAX_PIXELS, canonical_source
+from dala_model.data.manifest import DUPLICATES_SCHEMA
+from dala_model.data.sources import Discovery, SourceImage, discover
+from dala_model.serving.outputs import ScoringLayout
+
+log = logging.getLogger(__name__)
+
+DROP_SCHEMA_VERSION = "1"
+RGB_CONVERTIBLE = ("RGB", "RGBA", "L", "LA", "P", "PA")
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+DROP_MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),  # sha256[:16]
+        pa.field("sha256", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("relpath", pa.string(), nullable=False),
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("magnification", pa.int16(), nullable=False),
+        pa.field(
+            "magnification_from", pa.string(), nullable=False
+        ),  # name|folder|metadata|override
+        pa.field("label", pa.string(), nullable=True),  # benign | malignant | null
+        pa.field("label_id", pa.int8(), nullable=True),
+        pa.field("layout", pa.string(), nullable=False),  # sidecar | breakhis | case_folders
+        pa.field("bytes", pa.int64(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("format", pa.string(), nullable=False),
+        pa.field("mode", pa.string(), nullable=False),  # Pillow mode before conversion to RGB
+        pa.field("converted", pa.bool_(), nullable=False),  # mode was not RGB
+        pa.field("source_version", pa.string(), nullable=False),
+        pa.field("ingested_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+DROP_QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("reason", pa.string(), nullable=False),
+        pa.field("detail", pa.string(), nullable=False),
+        pa.field("case_id", pa.string(), nullable=True),
+        pa.field("magnification", pa.int16(), nullable=True),
+        pa.field("quarantined_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+)
+
+
+class ConversionError(ValueError):
+    """An image whose mode cannot be turned into 8-bit RGB without guessing."""
+
+
+@dataclass
+class DropResult:
+    """What the scoring ingest saw in one drop; ``current`` is the drop's kept manifest rows."""
+
+    source: str
+    layout: str
+    current: pd.DataFrame  # manifest rows (one per content) of the files in this drop
+    quarantined: list[dict] = field(default_factory=list)  # this drop's records
+    duplicates: int = 0
+    read: int = 0
+    reused: int = 0
+    ignored: int = 0
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` (decoded) as 8-bit RGB, or :class:`ConversionError` (see the module docstring)."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in RGB_CONVERTIBLE:
+        return image.convert("RGB")
+    if mode in WIDE_MODES:
+        values = np.asarray(image)
+        low, high = float(values.min()), float(values.max())
+        limit = 1.0 if mode == "F" else 65535.0
+        if low < 0 or high > limit:
+            raise ConversionError(
+                f"mode {mode} with values {low:g}..{high:g} outside 0..{limit:g}: "
+                "export it as 8-bit or 16-bit RGB/grayscale"
+            )
+        scaled = np.rint(values.astype(np.float64) * (255.0 / limit)).astype(np.uint8)
+        return Image.fromarray(np.repeat(scaled[..., None], 3, axis=2), mode="RGB")
+    raise ConversionError(f"mode {mode}: convert it to 8-bit RGB before scoring")
+
+
+def decode_rgb(data: bytes) -> tuple[Image.Image, str, str]:
+    """Fully decode ``data`` (after a checksum verify) to RGB: ``(rgb, format, source mode)``.
+
+    Raises what Pillow raises for bad files and :class:`ConversionError`; :func:`check_bytes`
+    turns those into quarantine reasons."""
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        if image.width * image.height > MAX_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{image.width}x{image.height} pixels > MAX_PIXELS={MAX_PIXELS} "
+                "(decompression-bomb guard)"
+            )
+        image.verify()
+    with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+        image.load()
+        fmt, mode = image.format, image.mode
+        rgb = to_rgb(image)
+        rgb.load()
+    return rgb, fmt, mode
+
+
+def check_bytes(data: bytes) -> tuple[str, str, tuple[str, str, int, int] | None]:
+    """``(reason, detail, info)``: a quarantine reason, or ``("", "", (format, mode, w, h))``."""
+    if not data:
+        return "zero_bytes", "the file is empty", None
+    if len(data) > MAX_FILE_BYTES:
+        return "too_large", f"{len(data)} bytes > MAX_FILE_BYTES={MAX_FILE_BYTES}", None
+    try:
+        rgb, fmt, mode = decode_rgb(data)
+    except Image.DecompressionBombError as exc:
+        return "too_large", str(exc), None
+    except ConversionError as exc:
+        return "unsupported_mode", str(exc), None
+    except UnidentifiedImageError:
+        return "not_an_image", f"not a {'/'.join(IMAGE_FORMATS)} image", None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        truncated = isinstance(exc, EOFError) or "truncated" in str(exc).lower()
+        return ("truncated" if truncated else "corrupt"), str(exc), None
+    return "", "", (fmt, mode, rgb.width, rgb.height)
+
+
+def _inspect(image: SourceImage, now: pd.Timestamp) -> tuple[dict | None, dict | None]:
+    """Read and check one image: its manifest row, or its quarantine record."""
+    file = image.file
+    data = storage.read_bytes(file.url)
+    reason, detail, info = check_bytes(data)
+    if reason:
+        record = {"uri": file.url, "reason": reason, "detail": detail, "case_id": image.case_id}
+        return None, {**record, "magnification": image.magnification}
+    fmt, mode, width, height = info
+    sha = hashlib.sha256(data).hexdigest()
+    row = {
+        "image_id": sha[:16],
+        "sha256": sha,
+        "uri": file.url,
+        "relpath": file.relpath,
+        "case_id": image.case_id,
+        "magnification": image.magnification,
+        "magnification_from": image.magnification_from,
+        "label": image.label,
+        "label_id": LABELS.index(image.label) if image.label else None,
+        "layout": image.layout,
+        "bytes": len(data),
+        "width": width,
+        "height": height,
+        "format": fmt,
+        "mode": mode,
+        "converted": mode != "RGB",
+        "source_version": file.version,
+        "ingested_at": now,
+    }
+    return row, None
+
+
+def _reusable(previous: pd.DataFrame, image: SourceImage) -> dict | None:
+    """The previous manifest row of ``image`` when its file and what is known of it are unchanged."""
+    if previous.empty or image.file.url not in previous.index:
+        return None
+    old = previous.loc[image.file.url].to_dict()
+    same = (old["bytes"], old["source_version"]) == (image.file.size, image.file.version)
+    same = same and (old["case_id"], int(old["magnification"])) == (
+        image.case_id,
+        image.magnification,
+    )
+    same = same and (old["label"] if pd.notna(old["label"]) else None) == image.label
+    return {**old, "uri": image.file.url} if same else None
+
+
+def ingest_drop(
+    source: str,
+    layout: ScoringLayout,
+    *,
+    magnification: int | None = None,
+    workers: int | None = None,
+) -> DropResult:
+    """Check every image of ``source`` and update OUT's manifest, quarantine and duplicates."""
+    source = canonical_source(source)
+    found: Discovery = discover(source, magnification=magnification)
+    storage.check_writable(layout.out)
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    previous = _read(layout.manifest(), DROP_MANIFEST_SCHEMA)
+    previous_by_uri = previous.set_index("uri", drop=False) if len(previous) else previous
+    rows, todo = [], []
+    for image in found.images:
+        old = _reusable(previous_by_uri, image)
+        if old is not None:
+            rows.append(old)
+        else:
+            todo.append(image)
+    quarantined = [{**q, "quarantined_at": now} for q in found.quarantined]
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="drop") as pool:
+        for row, refused in bounded_map(pool, lambda i: _inspect(i, now), todo, 4 * workers):
+            if row is not None:
+                rows.append(row)
+            else:
+                quarantined.append({**refused, "quarantined_at": now})
+    log.info(
+        "drop %s (%s): %d images, %d unchanged, %d read, %d quarantined",
+        storage.redact(source),
+        found.layout,
+        len(found.images),
+        len(found.images) - len(todo),
+        len(todo),
+        len(quarantined),
+    )
+    current = pd.DataFrame(rows, columns=DROP_MANIFEST_SCHEMA.names)
+    duplicates = _commit(layout, source, previous, current, quarantined)
+    ours = current.sort_values("uri").drop_duplicates("sha256").reset_index(drop=True)
+    return DropResult(
+        source=storage.redact(source),
+        layout=found.layout,
+        current=ours,
+        quarantined=quarantined,
+        duplicates=duplicates,
+        read=len(todo),
+        reused=len(found.images) - len(todo),
+        ignored=found.ignored,
+    )
+
+
+def _read(uri: str, schema: pa.Schema) -> pd.DataFrame:
+    if not storage.exists(uri):
+        return schema.empty_table().to_pandas()
+    frame = storage.read_parquet(uri)
+    if list(frame.columns) != schema.names:
+        raise ValueError(
+            f"{storage.redact(uri)} was written by another version of dala (columns "
+            f"{list(frame.columns)}): move it away and score the drop again"
+        )
+    return frame
+
+
+def _commit(
+    layout: ScoringLayout,
+    source: str,
+    previous: pd.DataFrame,
+    current: pd.DataFrame,
+    quarantined: list[dict],
+) -> int:
+    """Merge this drop into OUT's records (keyed by uri), write them; return the duplicates."""
+    fresh_uris = set(current["uri"]) | {q["uri"] for q in quarantined}
+    older = previous[~previous["uri"].isin(fresh_uris)]
+    merged = pd.concat([f for f in (older, current) if len(f)], ignore_index=True)
+    if merged.empty:
+        merged = DROP_MANIFEST_SCHEMA.empty_table().to_pandas()
+    merged = merged.sort_values(["ingested_at", "uri"], kind="stable").reset_index(drop=True)
+    repeated = merged.duplicated("sha256", keep="first")
+    kept = merged[~repeated].reset_index(drop=True)
+    first = kept.set_index("sha256")["uri"]
+    duplicates = pd.DataFrame(
+        {
+            "sha256": merged.loc[repeated, "sha256"],
+            "uri": merged.loc[repeated, "uri"],
+            "kept_uri": merged.loc[repeated, "sha256"].map(first),
+        }
+    )
+    old_quarantine = _read(layout.quarantine(), DROP_QUARANTINE_SCHEMA)
+    new_quarantine = pd.DataFrame(quarantined, columns=DROP_QUARANTINE_SCHEMA.names)
+    kept_quarantine = old_quarantine[~old_quarantine["uri"].isin(fresh_uris)]
+    parts = [f for f in (kept_quarantine, new_quarantine) if len(f)] or [new_quarantine]
+    quarantine = pd.concat(parts, ignore_index=True).sort_values("uri", ignore_index=True)
+    storage.write_parquet_atomic(quarantine, layout.quarantine(), schema=DROP_QUARANTINE_SCHEMA)
+    storage.write_parquet_atomic(duplicates, layout.duplicates(), schema=DUPLICATES_SCHEMA)
+    storage.write_parquet_atomic(
+        kept,
+        layout.manifest(),
+        schema=DROP_MANIFEST_SCHEMA,
+        metadata={
+            "dala.scoring_schema_version": DROP_SCHEMA_VERSION,
+            "dala.last_source": storage.redact(source),
+        },
+    )
+    return len(duplicates)

@@ -1,0 +1,324 @@
+"""Score a drop of new images with the promoted models: ``dala predict SOURCE --registry ROOT --out OUT``.
+
+The product path for the people who consume predictions. SOURCE is any drop (a BreakHis archive,
+case folders or a sidecar table: ``dala_model.data.sources``); ROOT holds the promoted models
+(``dala_model.serving.promotion``); everything written goes under OUT
+(``dala_model.serving.outputs``), whose manifest is its own (``dala_model.serving.drop``): the
+training manifest under ROOT is never read for scoring nor written.
+
+Each magnification is scored by its current promoted model, loaded with ``load_model`` and
+checked to still be the promoted weights. The threshold is, in order: ``threshold=`` (the CLI's
+``--threshold``), the model card's stored ``threshold`` (chosen on validation by the engine,
+``dala_model.calibration``), else 0.5.
+
+No row twice, by content (as ``dala_model.serving.predictions`` does for the training root):
+
+- incremental: an image whose sha256 already has a row for the same model version is skipped,
+  under whatever name or prefix it arrives again; a rerun over the same drop scores nothing;
+- deterministic parts: pending sha256s are sorted and cut into ``chunk_size`` chunks; a part's
+  key hashes the model version and the chunk's sha256s, so two runs over the same pending set
+  write the same keys and the second overwrite replaces rows instead of adding them;
+- readers dedupe to one row per ``(sha256, model_version)``.
+
+Case level (``OUT/predictions/cases/model=<m>/cases.parquet``, rebuilt from every image row on
+each run): a case's probability at a magnification is the **mean** of its images' malignant
+probabilities (each image's newest prediction), called malignant at ``>=`` the threshold, as
+``dala_model.metrics.patient_level`` does for the report. A case seen at several
+magnifications also gets a row with ``magnification`` null: the mean of its per-magnification
+probabilities (each magnification weighs the same, however many images it has), called against
+the mean of their thresholds, i.e. malignant when the per-magnification margins
+``prob - threshold`` average to ``>= 0``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pandas as pd
+import torch
+
+from dala_model import storage
+from dala_model.data.cache import resize
+from dala_model.data.ingest import canonical_source
+from dala_model.device import resolve_device, resolve_precision
+from dala_model.engine.inference import predict_proba
+from dala_model.models.checkpoint import load_model, read_model_config
+from dala_model.serving import evaluation
+from dala_model.serving.drop import decode_rgb, ingest_drop
+from dala_model.serving.outputs import (
+    CASE_SCHEMA,
+    IMAGE_SCHEMA,
+    ScoringLayout,
+    read_image_predictions,
+    scored_hashes,
+)
+from dala_model.serving.promotion import RegistryRecord, current_records
+
+log = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass
+class MagnificationScore:
+    """One magnification of one run: small enough to pass between Prefect tasks."""
+
+    magnification: int
+    images: int  # distinct images of the drop at this magnification
+    quarantined: int  # the drop's files refused at this magnification (when it was known)
+    scored: int = 0
+    skipped: int = 0  # already scored by this model version
+    unscored: int = 0  # no promoted model, or the file changed between check and scoring
+    model_version: str | None = None
+    threshold: float | None = None
+    threshold_from: str | None = None  # argument | model card | default
+    parts: list[str] = field(default_factory=list)
+    report: dict | None = None
+    report_uri: str | None = None
+
+
+@dataclass
+class ScoringResult:
+    source: str
+    registry: str
+    out: str
+    model: str
+    layout: str
+    images: int
+    quarantined: dict[str, int]  # reason -> files, this drop
+    duplicates: int
+    magnifications: list[MagnificationScore]
+    cases: list[dict]  # the case rows of this drop's cases
+    images_uri: str
+    cases_uri: str
+
+
+def _same_root(a: str, b: str) -> bool:
+    return canonical_source(a).rstrip("/") == canonical_source(b).rstrip("/")
+
+
+def score_source(
+    source: str,
+    registry: str,
+    out: str,
+    *,
+    model: str = "dalaresnet50",
+    magnification: int | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    flow_run_id: str = "local",
+    batch_size: int = 64,
+    chunk_size: int = 512,
+    workers: int | None = None,
+) -> ScoringResult:
+    """Check, record and score every image of ``source`` under ``out`` (see the module docstring).
+
+    ``magnification`` fills in images whose magnification cannot be known (it does not restrict
+    scoring): each image is scored by the model of its own magnification."""
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if _same_root(out, registry):
+        raise ValueError(
+            f"--out {storage.redact(out)} is the registry root: its manifests/ is the training "
+            "manifest; give scoring its own root (e.g. ROOT/scoring or another bucket)"
+        )
+    serving = {r.magnification: r for r in current_records(registry) if r.model == model}
+    if not serving:
+        raise LookupError(
+            f"no promoted {model} model under {storage.redact(registry)}: train one "
+            f"(train-breakhis) or pin one with `dala promote {storage.redact(registry)} ...`"
+        )
+    layout = ScoringLayout(out)
+    drop = ingest_drop(source, layout, magnification=magnification, workers=workers)
+    refused = pd.DataFrame(drop.quarantined, columns=["reason", "magnification"])
+    scores = []
+    for mag in sorted(set(drop.current["magnification"].astype(int)) | set(serving)):
+        rows = drop.current[drop.current["magnification"] == mag]
+        score = MagnificationScore(
+            mag, len(rows), int((refused["magnification"] == mag).sum()), unscored=len(rows)
+        )
+        record = serving.get(mag)
+        score.model_version = record.model_version if record is not None else None
+        if record is None or rows.empty:
+            if record is None and len(rows):
+                log.warning("%d images at %dX but no promoted %s model", len(rows), mag, model)
+            scores.append(score)
+            continue
+        _score(layout, record, rows, score, threshold, flow_run_id, device, batch_size, chunk_size)
+        score.report, score.report_uri = evaluation.batch_report(
+            registry, layout, record, rows, flow_run_id, score.threshold
+        )
+        scores.append(score)
+    cases = rebuild_cases(layout, model)
+    drop_cases = cases[cases["case_id"].isin(set(drop.current["case_id"]))]
+    return ScoringResult(
+        source=drop.source,
+        registry=storage.redact(registry),
+        out=storage.redact(out),
+        model=model,
+        layout=drop.layout,
+        images=len(drop.current),
+        quarantined={k: int(v) for k, v in refused["reason"].value_counts().sort_index().items()},
+        duplicates=drop.duplicates,
+        magnifications=scores,
+        cases=json.loads(drop_cases.to_json(orient="records", date_format="iso")),
+        images_uri=layout.images(model),
+        cases_uri=layout.cases(model),
+    )
+
+
+def resolve_threshold(record: RegistryRecord, override: float | None) -> tuple[float, str]:
+    """The threshold to call malignant at, and where it came from."""
+    if override is not None:
+        return float(override), "argument"
+    card = read_model_config(record.checkpoint_uri).get("card", {})
+    if card.get("threshold") is not None:
+        return float(card["threshold"]), "model card"
+    return DEFAULT_THRESHOLD, "default"
+
+
+def _score(
+    layout: ScoringLayout,
+    record: RegistryRecord,
+    rows: pd.DataFrame,
+    score: MagnificationScore,
+    threshold: float | None,
+    flow_run_id: str,
+    device: str,
+    batch_size: int,
+    chunk_size: int,
+) -> None:
+    """Score the images of ``rows`` that these weights have not scored yet, one part per chunk."""
+    version = record.model_version
+    score.model_version = version
+    score.threshold, score.threshold_from = resolve_threshold(record, threshold)
+    done = scored_hashes(layout.out, record.model, version)
+    pending = rows[~rows["sha256"].isin(done)].sort_values("sha256").reset_index(drop=True)
+    score.skipped, score.unscored = len(rows) - len(pending), 0
+    if pending.empty:
+        return
+    checkpoint = record.checkpoint_uri
+    card = read_model_config(checkpoint)
+    if card["weights_sha256"] != version:
+        raise ValueError(
+            f"{storage.redact(checkpoint)} no longer holds model_version {version[:12]}: the run "
+            "folder was overwritten; promote the run again (`dala promote`)"
+        )
+    size = int(record.config.get("image_size") or card["input_size"])
+    preset = record.config.get("preset") or card["preset"]
+    target = resolve_device(device)
+    net = load_model(checkpoint, map_location=target)
+    channels_last = target.type == "cuda"
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    base = layout.images(record.model, version, score.magnification)
+    for start in range(0, len(pending), chunk_size):
+        chunk = pending.iloc[start : start + chunk_size]
+        pixels, ok = _pixels(chunk, size)
+        chunk = chunk[ok]
+        score.unscored += int((~ok).sum())
+        if chunk.empty:
+            continue
+        prob = predict_proba(
+            net,
+            pixels[ok],
+            preset=preset,
+            device=target,
+            dtype=resolve_precision("auto", target),
+            batch_size=batch_size,
+            channels_last=channels_last,
+        )
+        frame = pd.DataFrame(
+            {
+                "image_id": chunk["image_id"].to_numpy(),
+                "sha256": chunk["sha256"].to_numpy(),
+                "uri": chunk["uri"].to_numpy(),
+                "case_id": chunk["case_id"].to_numpy(),
+                "magnification": score.magnification,
+                "prob_malignant": prob,
+                "pred_label": (prob >= score.threshold).astype(np.int8),
+                "threshold": score.threshold,
+                "model_name": record.model,
+                "model_version": version,
+                "scored_at": pd.Timestamp(datetime.now(UTC)),
+                "flow_run_id": flow_run_id,
+            }
+        )
+        key = hashlib.sha256("\n".join([version, *frame["sha256"]]).encode()).hexdigest()[:20]
+        uri = storage.join(base, f"part-{key}.parquet")
+        storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA)
+        score.parts.append(uri)
+        score.scored += len(frame)
+        log.info("scored %d images at %dX -> %s", len(frame), score.magnification, uri)
+
+
+def _pixels(chunk: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC pixels of ``chunk`` and which rows decoded to the content that was checked."""
+
+    def one(row: tuple[str, str]) -> np.ndarray | None:
+        uri, sha = row
+        try:
+            data = storage.read_bytes(uri)
+            if hashlib.sha256(data).hexdigest() != sha:
+                log.warning("%s changed since it was checked: next run", storage.redact(uri))
+                return None
+            return resize(decode_rgb(data)[0], size)
+        except (FileNotFoundError, OSError, ValueError) as exc:
+            log.warning("%s cannot be scored now (%s): next run", storage.redact(uri), exc)
+            return None
+
+    out = np.zeros((len(chunk), size, size, 3), dtype=np.uint8)
+    ok = np.zeros(len(chunk), dtype=bool)
+    rows = zip(chunk["uri"], chunk["sha256"], strict=True)
+    with ThreadPoolExecutor() as pool:  # Pillow and hashlib release the GIL
+        for i, pixels in enumerate(pool.map(one, rows)):
+            if pixels is not None:
+                out[i], ok[i] = pixels, True
+    return out, ok
+
+
+def case_table(images: pd.DataFrame) -> pd.DataFrame:
+    """Case rows from image predictions (see the module docstring for the aggregate)."""
+    if images.empty:
+        return CASE_SCHEMA.empty_table().to_pandas()
+    newest = images.sort_values("scored_at").drop_duplicates(
+        ["sha256", "magnification"], keep="last"
+    )
+    per_mag = newest.groupby(["case_id", "magnification"], sort=True).agg(
+        n_images=("sha256", "nunique"),
+        prob_malignant=("prob_malignant", "mean"),
+        threshold=("threshold", "mean"),
+        model_name=("model_name", "first"),
+        model_version=("model_version", lambda v: ",".join(sorted(set(v)))),
+        scored_at=("scored_at", "max"),
+    )
+    per_mag = per_mag.reset_index()
+    several = per_mag.groupby("case_id").filter(lambda g: len(g) > 1)
+    across = several.groupby("case_id", sort=True).agg(
+        n_images=("n_images", "sum"),
+        prob_malignant=("prob_malignant", "mean"),
+        threshold=("threshold", "mean"),
+        model_name=("model_name", "first"),
+        model_version=("model_version", lambda v: ",".join(sorted(set(",".join(v).split(","))))),
+        scored_at=("scored_at", "max"),
+    )
+    across = across.reset_index().assign(magnification=None)
+    table = pd.concat([f for f in (per_mag, across) if len(f)], ignore_index=True)
+    table["pred_label"] = (table["prob_malignant"] >= table["threshold"]).astype(np.int8)
+    table["magnification"] = table["magnification"].astype("Int16")
+    return table.sort_values(["case_id", "magnification"], na_position="last", ignore_index=True)[
+        CASE_SCHEMA.names
+    ]
+
+
+def rebuild_cases(layout: ScoringLayout, model: str) -> pd.DataFrame:
+    """Recompute and write ``model``'s case table from every image prediction under OUT."""
+    table = case_table(read_image_predictions(layout.out, model))
+    storage.write_parquet_atomic(table, layout.cases(model), schema=CASE_SCHEMA)
+    return table
