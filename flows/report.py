@@ -10,8 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from pydantic import Field
 
 from dala_model import storage
-from dala_model.report.build import build_report
-from flows.ingest import IO_RETRIES
+from dala_model.report import build_report
+from dala_model.report.tables import markdown_table, table6_cells
+from flows._common import IO_RETRIES
 
 
 @task(name="build-report", **IO_RETRIES)
@@ -29,16 +30,24 @@ def publish_report(files: dict[str, str], root: str) -> str:
         f"Full report (figures, Table 6/7 layouts, per-epoch curves): **{storage.redact(files['report.html'])}**",
         f"(markdown: {storage.redact(files['report.md'])})",
         "",
-        "| run | model | magnification | scheme | accuracy | F1 minority / weighted | IBA | G-mean |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(
+            [
+                "run",
+                "model",
+                "magnification",
+                "scheme",
+                "accuracy",
+                "F1 minority / weighted",
+                "IBA",
+                "G-mean",
+            ],
+            [
+                [run["run_id"], run["model"], f"{run['magnification']}X", run["scheme"]]
+                + table6_cells(run["test"], sep=" / ")
+                for run in metrics["runs"]
+            ],
+        ),
     ]
-    for run in metrics["runs"]:
-        test = run["test"]
-        lines.append(
-            f"| {run['run_id']} | {run['model']} | {run['magnification']}X | {run['scheme']} | "
-            f"{_num(test.get('accuracy'))} | {_num(test.get('f1_minority'))} / {_num(test.get('f1_weighted'))} | "
-            f"{_num(test.get('iba_unsquared'))} | {_num(test.get('gmean'))} |"
-        )
     if metrics["incomplete"]:
         lines += [
             "",
@@ -52,10 +61,6 @@ def publish_report(files: dict[str, str], root: str) -> str:
             description=f"report at {storage.redact(files['report.html'])}",
         )
     )
-
-
-def _num(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
 
 
 @flow(name="report-breakhis", log_prints=True)

@@ -16,6 +16,7 @@ from dala_model import storage
 from dala_model.cli import main
 from dala_model.metrics import evaluate
 from dala_model.report.build import build_report
+from dala_model.report.tables import fmt, paper_metrics, table6_cells, table6_row
 
 MODELS = {"dalaresnet50": (25_611_842, 0.9), "resnet50": (23_512_130, 0.75)}
 MAGS = (40, 100)
@@ -295,3 +296,23 @@ def test_only_incomplete_runs_give_a_report_without_tables(tmp_path) -> None:
     assert (
         "| `resnet50-40x-patient-s0` | running or interrupted (no run.json) | resnet50 | 40 |" in md
     )
+
+
+def test_table6_cells_for_ours_and_the_papers() -> None:
+    """The one Table 6 builder: the paper's numbers under our metric names, ours alike."""
+    assert table6_row(paper_metrics("dalaresnet50", 40)) == {
+        "Accuracy": "0.985",
+        "F1 (minority/weighted)": "0.970/0.985",
+        "IBA": "0.980",
+        "G-mean": "0.980",
+    }
+
+    def published(value: float | None) -> str | None:
+        return None if value is None else fmt(value)
+
+    # A cell the paper does not publish is None (left out of the report's "(paper ...)").
+    assert table6_cells({"accuracy": 0.944}, published) == ["0.944", None, None, None]
+    assert paper_metrics("not-in-the-paper", 40) == {}
+    ours = {"accuracy": 0.5, "f1_minority": None, "f1_weighted": 0.25, "gmean": float("nan")}
+    assert table6_cells(ours, sep=" / ") == ["0.500", "— / 0.250", "—", "—"]
+    assert table6_row(ours, lambda v: fmt(v, missing="-"))["F1 (minority/weighted)"] == "-/0.250"
