@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -21,8 +22,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from dala_model import storage
+from dala_model.device import native_bf16
 
 
 def repeat(
@@ -46,6 +50,28 @@ def repeat(
         if sync:
             sync()
         seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall seconds of each function, timed in rounds (A B C A B C ...) after ``warmup`` rounds.
+
+    Every speed ratio in the suite comes from one such call: on a shared machine a burst of load
+    then slows every side of the ratio alike instead of the one that happened to run during it.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - started)
     return seconds
 
 
@@ -113,6 +139,60 @@ def entry(
     }
 
 
+def model_flops(model: nn.Module, size: int, *, train: bool = False) -> float:
+    """FLOPs for one image (2 per multiply-accumulate): the forward pass, or forward + backward."""
+    counter = FlopCounterMode(display=False)
+    was_training = model.training
+    if train:
+        with counter:
+            model.train()(torch.zeros(2, 3, size, size)).sum().backward()
+        model.zero_grad(set_to_none=True)
+        flops = counter.get_total_flops() / 2
+    else:
+        with torch.inference_mode(), counter:
+            model.eval()(torch.zeros(1, 3, size, size))
+        flops = counter.get_total_flops()
+    model.train(was_training)
+    return float(flops)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """Measured FLOP/s of a large square matmul: the practical peak of this machine in ``dtype``."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    seconds = repeat(lambda: a @ b, reps)
+    return 2 * n**3 / min(seconds)
+
+
+@functools.cache
+def matmul_peaks() -> dict[str, float]:
+    """GFLOP/s of the CPU matmul peak per dtype (fp32, bf16), measured once per suite run.
+
+    bf16 is measured whether native or not (an emulated bf16 peak shows why it is no candidate);
+    the emulated one with a smaller matrix, which is enough to reach its (low) plateau."""
+    native = native_bf16(torch.device("cpu"))
+    return {
+        "fp32": matmul_peak(torch.float32) / 1e9,
+        "bf16": matmul_peak(torch.bfloat16, n=2048 if native else 1024) / 1e9,
+    }
+
+
+def hardware_fraction(images_per_s: float, flops_per_image: float) -> dict[str, Any]:
+    """``images_per_s`` as a fraction of the matmul peak of the best precision the CPU has
+    natively (fp32, or bf16 on AVX512_BF16/AMX), with the per-dtype peaks beside it."""
+    peaks = matmul_peaks()
+    native = ["fp32"] + (["bf16"] if native_bf16(torch.device("cpu")) else [])
+    best = max(native, key=peaks.get)
+    achieved = images_per_s * flops_per_image / 1e9
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": "bf16" in native,
+        "matmul_peak_gflops": peaks,
+        "matmul_peak_dtype": best,
+        "achieved_gflops": achieved,
+        "fraction_of_matmul_peak": achieved / peaks[best],
+    }
+
+
 def cpu_model() -> str:
     """The CPU's marketing name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
     try:
@@ -137,6 +217,7 @@ def machine_info() -> dict[str, Any]:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": native_bf16(torch.device("cpu")),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],

@@ -116,6 +116,43 @@ def test_cpu_suite_quick_cache_read(tmp_path):
     )  # a memory-mapped uint8 copy beats PNG decode + resize, whatever the load
 
 
+def test_cpu_suite_quick_inference_entries_use_the_autotuned_choice(tmp_path):
+    out = tmp_path / "latest.json"
+    args = ["--quick", "--only", "infer-cpu,infer-cpu-int8", "--size", "64", "--out", str(out)]
+    _run(["-m", "bench.run", *args], 600)
+    payload = json.loads(out.read_text())
+    peaks = payload["machine"]["matmul_peak_gflops"]
+    assert set(peaks) == {"fp32", "bf16"} and all(v > 0 for v in peaks.values())
+    infer, scaling, int8 = payload["entries"]
+    assert [infer["name"], scaling["name"], int8["name"]] == [
+        "infer-cpu",
+        "scaling",
+        "infer-cpu-int8",
+    ]
+    for result in (infer, int8):
+        _check_entry(result)
+
+    # infer-cpu: "ours" is what the autotuner chose on first use, against the hardware's peak.
+    choice = infer["extra"]["autotune"]
+    assert not choice["cached"] and choice["measured_seconds"] > 0 and choice["images_per_s"]
+    assert infer["settings"]["ours"] == choice["label"]
+    assert infer["extra"]["cpu_capability"] == payload["machine"]["cpu_capability"]
+    assert infer["extra"]["matmul_peak_gflops"] == peaks
+    fraction = infer["extra"]["fraction_of_matmul_peak"]
+    assert 0 < fraction < 1.5, fraction  # measured, and not off by orders of magnitude
+    if not payload["machine"]["native_bf16"]:
+        assert not any(k.startswith("bf16") for k in infer["extra"]["variants_images_per_s"])
+
+    # infer-cpu-int8: against the same float choice, with agreement and ROC-AUC difference.
+    extra = int8["extra"]
+    assert int8["goal"] == "ratio >= 2" and extra["agreement_goal"] == 0.99
+    assert extra["float_autotune"]["cached"]  # the choice infer-cpu made in this run
+    assert extra["float_autotune"]["label"] == choice["label"]
+    assert choice["label"] in int8["settings"]["reference"]
+    assert 0 <= extra["agreement"] <= 1 and 0 <= extra["float_predicted_malignant_fraction"] <= 1
+    assert (extra["roc_auc_difference"] is None) == (extra["roc_auc"]["float"] is None)
+
+
 @pytest.mark.parametrize(
     ("goal", "value", "met", "text"),
     [

@@ -2,6 +2,9 @@
 
 Images stay uint8 until they reach the device (4x less to copy), are normalised there with the
 checkpoint's preset, and run under ``inference_mode`` with autocast where the device supports it.
+Which precision, memory format and (CPU) batch size to score with is measured once per machine by
+:func:`tuned` (``dala_model.engine.autotune``); an int8 model from
+``dala_model.engine.quantize`` goes through the same :func:`predict_logits` with ``dtype=None``.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 from torch import nn
 
 from dala_model.device import autocast
+from dala_model.engine import autotune
 from dala_model.models.transforms import normalize_batch
 
 
@@ -46,3 +50,35 @@ def predict_proba(model: nn.Module, images: np.ndarray | torch.Tensor, **kwargs)
     """Probability of the malignant class (label 1) for each image."""
     logits = predict_logits(model, images, **kwargs)
     return torch.softmax(logits, dim=1)[:, 1].numpy()
+
+
+def tuned(
+    model: nn.Module,
+    *,
+    model_name: str,
+    image_size: int,
+    device: torch.device,
+    precision: str | None = None,
+    channels_last: bool | None = None,
+    batch_size: int | None = None,
+) -> tuple[nn.Module, dict, autotune.Choice]:
+    """``model`` on ``device`` in the measured (or given) memory format, the keyword arguments
+    that make :func:`predict_logits` run the measured choice, and the choice to record."""
+    choice = autotune.choose(
+        "infer",
+        model_name,
+        image_size,
+        device,
+        precision=precision,
+        channels_last=channels_last,
+        batch_size=batch_size,
+        model=model,
+    )
+    layout = torch.channels_last if choice.channels_last else torch.contiguous_format
+    kwargs = {
+        "device": device,
+        "dtype": choice.dtype(device),
+        "channels_last": choice.channels_last,
+        "batch_size": choice.batch_size or batch_size or 128,
+    }
+    return model.to(device, memory_format=layout), kwargs, choice
