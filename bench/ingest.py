@@ -1,10 +1,15 @@
 """ingest: ``dala_model.data.ingest.ingest`` from an S3 endpoint (moto on 127.0.0.1) vs decode-only.
 
 The reference is the practical limit of any ingest: decoding the same PNGs (already in memory)
-with the same number of threads and nothing else (no reads, hashing, verification, resizing,
-cache or manifest writes). Each ingest runs in a fresh subprocess (``python -m bench.ingest
-SOURCE ROOT WORKERS``) that reports its own wall time and peak RSS (``VmHWM``), measured at
-two dataset sizes to show that memory stays flat as the dataset grows.
+with Pillow (``Image.load``), the same number of threads and nothing else (no reads, hashing,
+verification, resizing, cache or manifest writes). Each ingest runs in a fresh subprocess
+(``python -m bench.ingest SOURCE ROOT WORKERS``) that reports its own wall time and peak RSS
+(``VmHWM``), measured at two dataset sizes to show that memory stays flat as the dataset grows.
+
+Rounds are interleaved (reference, ingest, the same ingest with the fast decoder switched off,
+i.e. Pillow only as before ``dala_model.data._decode``), so each ratio is taken within a round and
+the decoder's own effect on ingest is measured in the same run. The third entry,
+ingest-decoders, compares the PNG decoders ingest could use (``bench.decoders``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from typing import Any
 
 from PIL import Image
 
+from bench.decoders import compare_decoders
 from bench.harness import Goal, entry, median, rates, repeat
+from dala_model.data import _decode
 
 BUCKET = "bench-ingest"
 
@@ -75,10 +82,15 @@ def upload(files: list[Path], base: Path, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}"
 
 
-def ingest_in_subprocess(source: str, root: Path, workers: int) -> dict[str, Any]:
-    """Run one ingest in a fresh interpreter; return its timing and memory report."""
+def ingest_in_subprocess(
+    source: str, root: Path, workers: int, decoder: str = "default"
+) -> dict[str, Any]:
+    """Run one ingest in a fresh interpreter; return its timing and memory report.
+
+    ``decoder="pillow"`` switches the fast decoder off (what ingest did before it), for the
+    comparison in the same run."""
     done = subprocess.run(
-        [sys.executable, "-m", "bench.ingest", source, str(root), str(workers)],
+        [sys.executable, "-m", "bench.ingest", source, str(root), str(workers), decoder],
         capture_output=True,
         text=True,
         check=False,
@@ -106,22 +118,32 @@ def run(
     """``small`` is a prefix set of ``large`` in ``base``'s layout: small/... and extra/...."""
     small_bytes = sum(p.stat().st_size for p in small)
     blobs = [p.read_bytes() for p in small]
-    ref_rates = rates(len(small), repeat(lambda: decode_only(blobs, workers), reps))
+    ref_rates: list[float] = []
+    small_runs: list[dict[str, Any]] = []
+    pillow_runs: list[dict[str, Any]] = []
     with moto_endpoint():
         upload(large, base, "data")
         small_url = f"s3://{BUCKET}/data/small"
         large_url = f"s3://{BUCKET}/data"
-        small_runs = [
-            ingest_in_subprocess(small_url, work / f"small-{k}", workers) for k in range(reps)
-        ]
+        for k in range(reps):  # interleaved rounds: each ratio is taken within one round
+            ref_rates += rates(len(small), repeat(lambda: decode_only(blobs, workers), 1))
+            small_runs.append(ingest_in_subprocess(small_url, work / f"small-{k}", workers))
+            pillow_runs.append(
+                ingest_in_subprocess(small_url, work / f"pillow-{k}", workers, decoder="pillow")
+            )
         large_run = ingest_in_subprocess(large_url, work / "large", workers)
-    for report, expected in [*((r, len(small)) for r in small_runs), (large_run, len(large))]:
+    for report, expected in [
+        *((r, len(small)) for r in small_runs + pillow_runs),
+        (large_run, len(large)),
+    ]:
         if report["images"] != expected:
             raise RuntimeError(
                 f"ingest produced {report['images']} manifest rows, expected {expected}"
             )
     ours_rates = [len(small) / r["seconds"] for r in small_runs]
+    pillow_rates = [len(small) / r["seconds"] for r in pillow_runs]
     ours, reference = median(ours_rates), median(ref_rates)
+    per_round = lambda a, b: median([x / y for x, y in zip(a, b, strict=True)])  # noqa: E731
     settings = {
         "images": len(small),
         "mb": round(small_bytes / 1e6, 1),
@@ -134,20 +156,26 @@ def run(
         "decode, resize, cache shards, manifests",
         "reference": f"PIL decode (Image.load) of the same PNGs from memory, {workers} threads",
         "warmup": "none for ours (each rep a fresh process and root); 1 for the reference",
+        "decoder": _decode.fast_decoder() or "Pillow only",
+        "rounds": "interleaved: reference, ours, ours with Pillow only; ratios per round",
     }
     small_peak = median([r["peak_rss_mb"] for r in small_runs])
+    decoder_entry = compare_decoders(small, work, reps=reps, workers=workers)
     return [
         entry(
             "ingest",
             "images/s",
             ours,
             reference,
-            ratio=ours / reference,
+            ratio=per_round(ours_rates, ref_rates),
             ratio_means="ours / decode-only limit",
             goal=Goal("ratio", low=0.8),
             settings=settings,
-            reps={"ours": ours_rates, "reference": ref_rates},
+            reps={"ours": ours_rates, "reference": ref_rates, "pillow_only": pillow_rates},
             extra={
+                "pillow_only_images_per_s": median(pillow_rates),
+                "pillow_only_ratio": per_round(pillow_rates, ref_rates),
+                "speedup_over_pillow_only_ingest": per_round(ours_rates, pillow_rates),
                 "ours_mb_per_s": median([small_bytes / 1e6 / r["seconds"] for r in small_runs]),
                 "reference_mb_per_s": reference * small_bytes / 1e6 / len(small),
                 "read_decode_images_per_s": median([r["read_images_per_s"] for r in small_runs]),
@@ -180,6 +208,7 @@ def run(
                 "growth_mb_large": large_run["peak_rss_mb"] - large_run["baseline_rss_mb"],
             },
         ),
+        decoder_entry,
     ]
 
 
@@ -196,10 +225,13 @@ def _peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory needs Linux")
 
 
-def _child(source: str, root: str, workers: int) -> None:
+def _child(source: str, root: str, workers: int, decoder: str) -> None:
     import time
 
     from dala_model.data.ingest import ingest
+
+    if decoder == "pillow":
+        _decode._spng_decode = None
 
     baseline = _peak_rss_mb()
     started = time.perf_counter()
@@ -219,4 +251,4 @@ def _child(source: str, root: str, workers: int) -> None:
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    _child(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from dala_model import storage
+from dala_model.data import _decode
 from dala_model.data.breakhis import parse_breakhis_path
 from dala_model.data.cache import load_images, missing_from_cache, resize
 from dala_model.data.ingest import ingest
@@ -246,6 +247,51 @@ def test_real_breakhis_sample(breakhis_sample, tmp_path):
     }
     quirk = manifest[manifest["patient_id"] == "14-13412"]
     assert set(quirk["subtype_code"]) == {"LC"} and len(quirk) == 2
+
+
+def _ingest_outputs(source: str, root: str) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """Manifest (without ingest times), quarantine and cached pixels of one ingest."""
+    ingest(source, root, workers=2, cache_size=48)
+    manifest = read_manifest(root).drop(columns="ingested_at")
+    quarantine = storage.read_parquet(f"{root}/manifests/quarantine.parquet")
+    return manifest, quarantine, load_images(root, manifest["image_id"], 48)
+
+
+def _assert_same_as_pillow_only(source: str, tmp_path, monkeypatch) -> pd.DataFrame:
+    fast = _ingest_outputs(source, str(tmp_path / "fast"))
+    with monkeypatch.context() as patch:
+        patch.setattr(_decode, "_spng_decode", None)  # what ingest did before: Pillow only
+        pillow = _ingest_outputs(source, str(tmp_path / "pillow"))
+    pd.testing.assert_frame_equal(fast[0], pillow[0])
+    pd.testing.assert_frame_equal(fast[1], pillow[1])  # same reasons and the same details
+    np.testing.assert_array_equal(fast[2], pillow[2])
+    return fast[0]
+
+
+def test_fast_decoder_ingest_equals_pillow_ingest(tmp_path, good_tree, monkeypatch):
+    """The same rows, hashes, sizes, modes, quarantine reasons and details, and cached pixels."""
+    monkeypatch.setenv("DALA_CACHE_DIR", str(tmp_path / "shards"))
+    bad, reasons, modes = _bad_files(good_tree)
+    rgb = Image.open(io.BytesIO(next(iter(good_tree.values())))).convert("RGB")
+    odd = {  # 8-bit flavours the fast path takes, and ones it leaves to Pillow
+        "odd/SOB_M_DC-14-70020-40-001.png": _png(rgb.quantize(64)),
+        "odd/SOB_M_DC-14-70021-40-001.png": _png(rgb.convert("LA")),
+    }
+    source = str(tmp_path / "source")
+    for rel, data in {**good_tree, **bad, **odd}.items():
+        storage.write_bytes_atomic(f"{source}/{rel}", data)
+    assert all(_decode.takes_fast_path(data) for data in good_tree.values())
+    manifest = _assert_same_as_pillow_only(source, tmp_path, monkeypatch)
+    assert len(manifest) == len(good_tree) + len(modes) + 1 + len(odd)  # + the rotated one
+    assert set(manifest["mode"]) == {"RGB", "RGBA", "L", "P", "LA"}
+
+
+def test_fast_decoder_ingest_of_the_real_sample_equals_pillow_ingest(
+    breakhis_sample, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DALA_CACHE_DIR", str(tmp_path / "shards"))
+    manifest = _assert_same_as_pillow_only(str(breakhis_sample), tmp_path, monkeypatch)
+    assert len(manifest) == 106
 
 
 def test_empty_and_missing_sources_are_clear_errors(tmp_path):

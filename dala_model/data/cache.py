@@ -14,7 +14,9 @@ Remote shards (S3) are downloaded once into the local shard cache (``$DALA_CACHE
 ``~/.cache/dala``), keyed by the shard's content hash, then memory-mapped like local ones.
 
 Resizing is Pillow's bilinear resize (antialiased when shrinking) straight to ``size x size``: the
-paper's plain resize to 224x224, and what torchvision's ``Resize`` does on PIL images.
+paper's plain resize to 224x224, and what torchvision's ``Resize`` does on PIL images. The decode
+before it is ``dala_model.data._decode.decode_rgb`` (libspng where it gives Pillow's pixels bit
+for bit, Pillow otherwise), the same as ingest's, so both fill the cache with the same pixels.
 
 One writer at a time per root and size: two concurrent builders would each rewrite the index.
 A writer killed between a shard and the index update leaves an unreferenced shard, never a
@@ -41,8 +43,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from dala_model import storage
+from dala_model.data._decode import decode_rgb, resize_rgb
 from dala_model.data._pool import bounded_map, default_workers
 from dala_model.data.manifest import read_manifest
+from dala_model.layout import RootLayout
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +61,7 @@ SHARD_BYTES = 64 * 2**20  # about 440 images at 224: bounded memory while buildi
 
 
 def cache_uri(root: str, size: int) -> str:
-    return storage.join(root, "cache", str(int(size)))
+    return RootLayout(root).cache(size)
 
 
 def resize(image: Image.Image, size: int) -> np.ndarray:
@@ -67,7 +71,7 @@ def resize(image: Image.Image, size: int) -> np.ndarray:
 
 
 def read_index(root: str, size: int) -> pd.DataFrame:
-    uri = storage.join(cache_uri(root, size), "index.parquet")
+    uri = RootLayout(root).cache_index(size)
     if not storage.exists(uri):
         return pd.DataFrame({name: pd.Series(dtype=object) for name in INDEX_SCHEMA.names})
     return storage.read_parquet(uri)
@@ -121,7 +125,7 @@ class ShardWriter:
         new = pd.DataFrame({"image_id": self._ids, "shard": shard, "row": range(len(self._ids))})
         self.index = pd.concat([self.index, new], ignore_index=True) if len(self.index) else new
         storage.write_parquet_atomic(
-            self.index, storage.join(base, "index.parquet"), schema=INDEX_SCHEMA
+            self.index, RootLayout(self.root).cache_index(self.size), schema=INDEX_SCHEMA
         )
         self.added += len(self._ids)
         self._ids, self._arrays = [], []
@@ -134,8 +138,7 @@ def decode_verified(uri: str, sha256: str, size: int) -> np.ndarray:
         raise ValueError(
             f"{storage.redact(uri)} changed since ingest (sha256 differs): re-run `dala ingest`"
         )
-    with Image.open(io.BytesIO(data)) as image:
-        return resize(image, size)
+    return resize_rgb(decode_rgb(data), size)  # libspng where identical to Pillow (see _decode)
 
 
 def build_cache(root: str, size: int = 224, workers: int | None = None) -> int:
@@ -205,7 +208,7 @@ def load_images(root: str, image_ids: Sequence[str], size: int) -> np.ndarray:
 
 def _index(root: str, size: int) -> pd.DataFrame:
     """The index as a frame keyed by image_id, re-read only when the file's ETag/mtime changes."""
-    fs, path = storage.filesystem(storage.join(cache_uri(root, size), "index.parquet"))
+    fs, path = storage.filesystem(RootLayout(root).cache_index(size))
     info = fs.info(path) if fs.exists(path) else {}
     return _read_index_cached(root, size, str(info.get("ETag") or info.get("mtime") or ""))
 

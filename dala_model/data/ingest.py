@@ -31,9 +31,16 @@ Decisions, so every later step can trust the manifest:
 - Commit order: cache shards, then quarantine and duplicates, then ``manifest.parquet`` last; each
   is an atomic write, so an ingest killed at any point leaves the previous manifest (or none) and
   a rerun completes the work.
-- Reading, hashing, decoding and resizing run in a bounded thread pool: Pillow's decoders and
-  resize and hashlib release the GIL, the S3 reads are I/O, and at most a few tasks per worker are
-  in flight, so memory does not grow with the dataset.
+- Verification (format, mode and size from the header, ``verify()``'s chunk checksums) is
+  Pillow's; the full decode is ``dala_model.data._decode.decode_rgb``: libspng (imagecodecs) for
+  the 8-bit PNGs where it is proven pixel-identical to Pillow and as strict about damaged data,
+  Pillow for everything else and for any file libspng refuses, so a bad file's quarantine reason
+  and detail are Pillow's whichever decoder ran. Manifest rows and cached pixels are the same as
+  with Pillow alone (tests/test_ingest.py checks both).
+- Reading, hashing, decoding and resizing run in a bounded thread pool: libspng (imagecodecs),
+  Pillow's decoders and resize and hashlib release the GIL, the S3 reads are I/O, so one file's
+  GET overlaps other files' decode and resize; at most a few tasks per worker are in flight, so
+  memory does not grow with the dataset.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from dala_model import storage
+from dala_model.data._decode import decode_rgb, resize_rgb
 from dala_model.data._pool import bounded_map, default_workers
 from dala_model.data.breakhis import (
     IMAGE_SUFFIXES,
@@ -62,7 +70,7 @@ from dala_model.data.breakhis import (
     UnparseableName,
     parse_breakhis_path,
 )
-from dala_model.data.cache import ShardWriter, build_cache, resize
+from dala_model.data.cache import ShardWriter, build_cache
 from dala_model.data.manifest import (
     DUPLICATES_SCHEMA,
     MANIFEST_SCHEMA,
@@ -265,10 +273,9 @@ def _inspect(
                 )
             image.verify()  # chunk checksums, without decoding
         pixels = None
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
-            image.load()  # full decode: the only proof that every pixel is there
-            if writer is not None and writer.wants(sha[:16]):
-                pixels = resize(image, writer.size)
+        rgb = decode_rgb(data, IMAGE_FORMATS)  # full decode: the only proof every pixel is there
+        if writer is not None and writer.wants(sha[:16]):
+            pixels = resize_rgb(rgb, writer.size)
     except Image.DecompressionBombError as exc:
         return _Outcome(reason="too_large", detail=str(exc))
     except UnidentifiedImageError:
@@ -291,6 +298,7 @@ def _inspect(
         "subtype": name.subtype,
         "subtype_code": name.subtype_code,
         "patient_id": name.patient_id,
+        "slide_id": name.slide_id,
         "magnification": name.magnification,
         "seq": name.seq,
         "procedure": name.procedure,
