@@ -11,6 +11,7 @@ its methods return the URL of each thing the library reads or writes::
     ROOT/predictions/model=<m>/version=<v>/magnification=<x>/part-<key>.parquet
     ROOT/predictions/reports/model=<m>/<flow_run_id>/<x>x.json
     ROOT/reports/report.md, report.html, metrics.json, *.png
+    ROOT/scoring/                                         (default scoring root: docs/SCORING.md)
     ROOT/staging/                                         (scratch of distributed ingest)
 
 Why one object: the layout is a contract between processes that never share memory (ingest,
@@ -114,6 +115,14 @@ class RootLayout:
     def reports(self, name: str | None = None) -> str:
         """The report folder, or the file ``name`` in it (``report.html``, ``metrics.json``...)."""
         return self._join("reports", *([name] if name else []))
+
+    # ROOT/scoring/
+    def scoring(self) -> str:
+        """Where ``batch-inference`` with a ``source`` writes when no ``out`` is given.
+
+        A scoring root of its own (``dala_model.serving.outputs.ScoringLayout``): its manifests,
+        quarantine and predictions never mix with the training ones above."""
+        return self._join("scoring")
 
     # ROOT/staging/
     def staging(self, *parts: str) -> str:

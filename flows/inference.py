@@ -1,8 +1,20 @@
-"""`batch-inference`: [ingest new images ->] score them with each magnification's current model.
+"""`batch-inference`: score new images with each magnification's current model.
 
-Incremental and idempotent by construction of ``dala_model.serving.predictions`` (see its docstring):
-only images without a prediction from the same model version are scored, and part files are
-keyed by their content, so reruns and retries never add a row twice.
+With ``source`` (the nightly deployment: ``DALA_INCOMING``), the drop is scored through
+``dala_model.serving.scoring``, the path of ``dala predict``: its own manifest, quarantine and
+image- and case-level Parquet under ``out`` (default ``ROOT/scoring``), models from ``registry``
+(default ``root``); the training manifest is never touched. Without ``source`` the flow
+re-scores the root's own manifest (``dala_model.serving.predictions``), as before.
+
+The nightly deployment fills ``source`` from ``DALA_INCOMING`` at ``prefect deploy`` time; when
+that variable is unset then, ``prefect deploy`` stores an empty string (after warning that the
+placeholder has no value). An empty ``source`` means "no drop": the flow logs a warning naming
+the variable and re-scores the root's manifest, the deployment's behaviour before it had a
+source (tests/test_e2e_deployment.py deploys it both ways).
+
+Both paths are incremental and idempotent (see those modules' docstrings): only images without a
+prediction from the same model version are scored, and part files are keyed by their content,
+so reruns and retries never add a row twice.
 """
 
 from __future__ import annotations
@@ -11,14 +23,17 @@ from dataclasses import asdict
 from typing import Annotated
 
 from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import Field
 
 from dala_model import storage
-from dala_model.data.ingest import canonical_source, manifest_source
-from dala_model.engine.config import MAGNIFICATIONS
-from dala_model.serving import predictions, promotion
-from flows.ingest import IO_RETRIES, ingest_flow
+from dala_model.data.breakhis import check_magnifications
+from dala_model.layout import RootLayout
+from dala_model.report.tables import MISSING, fmt, markdown_table
+from dala_model.serving import predictions, promotion, scoring
+from flows._common import IO_RETRIES
+
+CASE_ROWS = 200  # case rows shown in the artifact; the full table is the Parquet file
 
 
 @task(name="score", task_run_name="score-{model}-{magnification}x", **IO_RETRIES)
@@ -45,45 +60,83 @@ def score_task(
     )
 
 
+@task(name="score-source", task_run_name="score-{model}-drop", **IO_RETRIES)
+def score_source_task(
+    source: str,
+    registry: str,
+    out: str,
+    model: str,
+    threshold: float | None,
+    batch_size: int,
+    device: str,
+    flow_run_id: str,
+) -> dict:
+    """Check, record and score one drop; safe to retry: scored images are skipped by content."""
+    result = scoring.score_source(
+        source,
+        registry,
+        out,
+        model=model,
+        threshold=threshold,
+        batch_size=batch_size,
+        device=device,
+        flow_run_id=flow_run_id,
+    )
+    return asdict(result)
+
+
 @flow(name="batch-inference", log_prints=True)
 def inference_flow(
     root: Annotated[
         str, Field(description="storage root URL (s3://bucket/prefix or a local path)")
     ],
-    source: Annotated[str | None, Field(description="ingest new images from here first")] = None,
+    source: Annotated[
+        str | None,
+        Field(description="a drop of new images to score (case folders, sidecar, BreakHis)"),
+    ] = None,
+    registry: Annotated[
+        str | None, Field(description="root holding the promoted models; default: root")
+    ] = None,
+    out: Annotated[
+        str | None, Field(description="scoring root for a source; default: ROOT/scoring")
+    ] = None,
     model: str = "dalaresnet50",
     magnifications: Annotated[
-        list[int] | None, Field(description="default: every one with a current model")
+        list[int] | None,
+        Field(description="without source: default every one with a current model"),
     ] = None,
-    threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5,
+    threshold: Annotated[
+        float | None, Field(gt=0, lt=1, description="default: the model card's, else 0.5")
+    ] = None,
     batch_size: Annotated[int, Field(gt=0)] = 64,
     device: Annotated[str, Field(description="auto, cpu, cuda or cuda:N")] = "auto",
-) -> list[dict]:
-    """Score unscored images per magnification with the registry's current model; write Parquet."""
+) -> list[dict] | dict:
+    """Score new images with the registry's current models; write Parquet."""
     logger = get_run_logger()
+    run_id = str(runtime.flow_run.id)
+    source = _drop_or_none(source, logger)
     if source is not None:
-        recorded = manifest_source(root)
-        if recorded not in (None, storage.redact(canonical_source(source))):
+        if magnifications:
             raise ValueError(
-                f"source {storage.redact(source)} is not the source of {storage.redact(root)}'s manifest "
-                f"({recorded}): ingesting it would replace the training manifest; score images from "
-                "another source under their own root"
+                "magnifications applies to re-scoring the root's manifest; a source is scored "
+                "at every magnification it holds, each with its own model"
             )
-        ingest_flow(source=source, root=root)
-    serving = {r["magnification"]: r for r in promotion.list_current(root) if r["model"] == model}
-    wanted = magnifications or sorted(serving)
-    unknown = sorted(set(wanted) - set(MAGNIFICATIONS))
-    if unknown:
-        raise ValueError(
-            f"magnifications {unknown} are not BreakHis magnifications {MAGNIFICATIONS}"
+        out = out or RootLayout(root).scoring()
+        future = score_source_task.submit(
+            source, registry or root, out, model, threshold, batch_size, device, run_id
         )
+        result = future.result()
+        _publish_scoring(result)
+        return result
+    threshold = 0.5 if threshold is None else threshold
+    serving = {r.magnification: r for r in promotion.current_records(root) if r.model == model}
+    wanted = check_magnifications(magnifications or sorted(serving), what="magnifications")
     missing = [m for m in wanted if m not in serving]
     if not wanted or missing:
         raise LookupError(
             f"no current {model} model for {missing or 'any magnification'} under {storage.redact(root)}: "
             "run train-breakhis first or pin one with `dala promote`"
         )
-    run_id = str(runtime.flow_run.id)
     futures = [
         score_task.submit(root, model, m, run_id, threshold, batch_size, device) for m in wanted
     ]
@@ -100,22 +153,25 @@ def inference_flow(
     return results
 
 
+def _drop_or_none(source: str | None, logger) -> str | None:
+    """``source``, or None for "no drop"; an empty one (DALA_INCOMING unset at deploy) is logged."""
+    if source is not None and not source.strip():
+        logger.warning(
+            "source is empty (was DALA_INCOMING unset when this deployment was created?), so "
+            "there is no drop to score: re-scoring the root's manifest instead; redeploy with "
+            "DALA_INCOMING=<prefix>, or run with -p source=<prefix>"
+        )
+    return (source or "").strip() or None
+
+
 def _publish(results: list[dict], root: str, model: str) -> None:
     lines = [
         f"## Batch inference with {model}",
         "",
         f"Predictions: **{storage.redact(predictions.predictions_uri(root, model))}** (Parquet, one part per chunk)",
         "",
-        "| magnification | model version | scored now | already scored | accuracy | IBA | G-mean | batch report |",
-        "|---|---|---|---|---|---|---|---|",
+        markdown_table(_COLUMNS, [_row(r) for r in results]),
     ]
-    for r in results:
-        m = r["metrics"] or {}
-        lines.append(
-            f"| {r['magnification']}X | `{r['model_version'][:12]}` | {r['scored']} | {r['skipped']} | "
-            f"{_num(m.get('accuracy'))} | {_num(m.get('iba_unsquared'))} | {_num(m.get('gmean'))} | "
-            f"{storage.redact(r['report_uri']) if r['report_uri'] else '-'} |"
-        )
     create_markdown_artifact(
         markdown="\n".join(lines),
         key="batch-inference",
@@ -123,5 +179,81 @@ def _publish(results: list[dict], root: str, model: str) -> None:
     )
 
 
-def _num(value: object) -> str:
-    return f"{value:.3f}" if isinstance(value, int | float) else "-"
+_COLUMNS = (
+    "magnification",
+    "model version",
+    "scored now",
+    "already scored",
+    "accuracy",
+    "IBA",
+    "G-mean",
+    "batch report",
+)
+
+
+def _row(result: dict) -> list:
+    """One magnification's line of the batch-inference artifact, in ``_COLUMNS`` order."""
+    metrics = result["metrics"] or {}
+    return [
+        f"{result['magnification']}X",
+        f"`{result['model_version'][:12]}`",
+        result["scored"],
+        result["skipped"],
+        *(fmt(metrics.get(key)) for key in ("accuracy", "iba_unsquared", "gmean")),
+        storage.redact(result["report_uri"]) if result["report_uri"] else MISSING,
+    ]
+
+
+def _publish_scoring(result: dict) -> None:
+    """Table artifacts: counts per magnification, and the drop's case-level predictions."""
+    rows = []
+    for m in result["magnifications"]:
+        report = m["report"] or {}
+        image = (report.get("metrics") or {}).get("image") or {}
+        rows.append(
+            {
+                "magnification": f"{m['magnification']}X",
+                "images": m["images"],
+                "scored": m["scored"],
+                "skipped": m["skipped"],
+                "quarantined": m["quarantined"],
+                "unscored": m["unscored"],
+                "model version": (m["model_version"] or MISSING)[:12],
+                "threshold": fmt(m["threshold"]),
+                "labelled": report.get("labelled", 0),
+                "evaluated": report.get("evaluated", 0),
+                "excluded": ", ".join(f"{k} {v}" for k, v in report.get("excluded", {}).items())
+                or MISSING,
+                "accuracy": fmt(image.get("accuracy")),
+                "G-mean": fmt(image.get("gmean")),
+            }
+        )
+    unknown = sum(result["quarantined"].values()) - sum(
+        m["quarantined"] for m in result["magnifications"]
+    )
+    if unknown:
+        rows.append({"magnification": "unknown", "quarantined": unknown})
+    create_table_artifact(
+        table=rows,
+        key="batch-scoring",
+        description=(
+            f"{result['source']} -> {result['out']}: {result['images']} images, "
+            f"quarantined {result['quarantined'] or 'none'}; image predictions "
+            f"{storage.redact(result['images_uri'])}"
+        ),
+    )
+    cases = [
+        {
+            "case": c["case_id"],
+            "magnification": f"{c['magnification']}X" if c["magnification"] else "all",
+            "images": c["n_images"],
+            "prob_malignant": fmt(c["prob_malignant"]),
+            "prediction": "malignant" if c["pred_label"] else "benign",
+        }
+        for c in result["cases"][:CASE_ROWS]
+    ]
+    create_table_artifact(
+        table=cases or [{"case": MISSING}],
+        key="batch-scoring-cases",
+        description=f"case-level predictions of this drop (all: {storage.redact(result['cases_uri'])})",
+    )

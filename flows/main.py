@@ -1,7 +1,10 @@
 """`make run`: the whole pipeline on one machine through Prefect's local API.
 
 synthetic BreakHis (when no data is given) -> ingest -> split -> parallel training of all four
-magnifications -> promotion -> report -> batch inference. Without ``PREFECT_API_URL`` Prefect
+magnifications -> promotion -> report -> batch inference of the root's manifest -> scoring of an
+unlabelled drop of new images (case folders with scanner-style names, no labels, generated into
+./data/<profile>/incoming) through the same ``batch-inference`` flow with ``source``, into
+ROOT/scoring. Without ``PREFECT_API_URL`` Prefect
 starts a temporary local server on the SQLite database in ``$PREFECT_HOME`` (the Makefile keeps it
 in ./.prefect), so nothing but Python is needed; with it, the runs appear in that server's UI.
 
@@ -23,8 +26,8 @@ from pydantic import BaseModel
 
 from dala_model import storage
 from dala_model.data import synth
+from dala_model.layout import RootLayout
 from dala_model.serving import promotion
-from dala_model.serving.predictions import predictions_uri
 
 
 class Profile(BaseModel):
@@ -34,6 +37,7 @@ class Profile(BaseModel):
     lr: float = 1e-4
     synthetic_patients: int
     synthetic_images_per_patient: int
+    drop_cases: int = 4  # the unlabelled drop scored last: cases x 4 magnifications x 2 images
 
 
 PROFILES = {
@@ -84,14 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     # One folder per profile: a quick run's 2-epoch models must never stand in for the paper's.
     home = Path("data") / args.profile
     source = args.data or _synthetic_source(profile, home / "synthetic")
+    drop = _unlabelled_drop(profile, home / "incoming")
     root = args.root or str(home / "root")
     root = root if "://" in root else str(Path(root).resolve())
     with local_api():
-        return _run(train_flow, inference_flow, root, source, profile, args.max_parallel)
+        return _run(train_flow, inference_flow, root, source, drop, profile, args.max_parallel)
 
 
 def _run(
-    train_flow, inference_flow, root: str, source: str, profile: Profile, max_parallel: int | None
+    train_flow,
+    inference_flow,
+    root: str,
+    source: str,
+    drop: str,
+    profile: Profile,
+    max_parallel: int | None,
 ) -> int:
     state = train_flow(
         root=root,
@@ -105,14 +116,21 @@ def _run(
     )
     if not state.is_completed():
         print(f"train-breakhis ended {state.name}: {state.message}", file=sys.stderr)
-    if not promotion.list_current(root):
+    if not promotion.current_records(root):
         print("no model was promoted, so there is nothing to score", file=sys.stderr)
         return 1
     scored = inference_flow(root=root)  # every magnification with a current model
-    print(f"\nreport:      {storage.redact(storage.join(root, 'reports', 'report.html'))}")
-    print(f"predictions: {storage.redact(predictions_uri(root, 'dalaresnet50'))}")
+    layout = RootLayout(root)
+    print(f"\nreport:      {storage.redact(layout.reports('report.html'))}")
+    print(f"predictions: {storage.redact(layout.predictions('dalaresnet50'))}")
     counts = ", ".join(f"{r['magnification']}X {r['scored']} new" for r in scored)
     print(f"scored:      {counts}")
+    # The product path: new images from a clinic, scored into their own root (docs/SCORING.md).
+    new = inference_flow(root=root, source=drop)
+    counts = ", ".join(f"{m['magnification']}X {m['scored']} new" for m in new["magnifications"])
+    print(f"\nnew images:  {new['images']} in {drop} (case folders, no labels): {counts}")
+    print(f"image-level: {storage.redact(new['images_uri'])}")
+    print(f"case-level:  {storage.redact(new['cases_uri'])}")
     return 0 if state.is_completed() else 1
 
 
@@ -128,14 +146,23 @@ def local_api() -> Iterator[None]:
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows._common import api_startup_timeout, waiting_notice
+
     if PREFECT_API_URL.value():
         yield
         return
     os.environ.setdefault(
         "PREFECT_SERVER_ANALYTICS_ENABLED", "false"
     )  # offline: no telemetry errors
+    timeout = api_startup_timeout()  # a first start migrates the database: see flows/_common.py
+    print(
+        f"starting Prefect's local API (waiting up to {timeout} s; "
+        "the first start creates its database)",
+        flush=True,
+    )
     server = SubprocessASGIServer()
-    server.start()
+    with waiting_notice("starting Prefect's local API"):
+        server.start(timeout=timeout)
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             print(
@@ -160,6 +187,18 @@ def _synthetic_source(profile: Profile, folder: Path) -> str:
         seed=0,
     )
     print(f"generated {count} synthetic BreakHis images in {out}")
+    return str(out)
+
+
+def _unlabelled_drop(profile: Profile, folder: Path) -> str:
+    """A drop as a scanner sends it (``case-0042/40X/scan_17.png``), generated once, then reused."""
+    out = folder.resolve()
+    if out.exists() and any(out.rglob("*.png")):
+        return str(out)
+    files = synth.generate_cases(
+        str(out), cases=profile.drop_cases, images_per_magnification=2, seed=1
+    )
+    print(f"generated an unlabelled drop of {len(files)} images in {out}")
     return str(out)
 
 

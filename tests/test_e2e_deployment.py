@@ -4,6 +4,11 @@ Real parts only: moto's standalone S3 server (tests/conftest.py) holds the sourc
 every output; `prefect server start` runs on a free port with its own PREFECT_HOME; a process work
 pool and worker execute the deployments from prefect.yaml through its pull step. Every process
 this test starts is stopped with its children at the end.
+
+``batch-inference/nightly`` is deployed twice, as an operator might: first without
+``DALA_INCOMING`` (``prefect deploy`` stores an empty ``source``, and the flow re-scores the
+root's manifest), then with it pointing at an incoming prefix in the bucket holding an unlabelled
+case-folder drop, which two runs score into ``DALA_ROOT/scoring`` once.
 """
 
 from __future__ import annotations
@@ -23,8 +28,10 @@ import pytest
 from dala_model import storage
 from dala_model.data import synth
 from dala_model.data.manifest import read_manifest
+from dala_model.layout import RootLayout
 from dala_model.models.checkpoint import load_model
 from dala_model.serving import promotion
+from dala_model.serving.outputs import read_case_predictions, read_image_predictions
 from dala_model.serving.predictions import read_predictions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +109,11 @@ def wait_healthy(api_url: str, server: subprocess.Popen, timeout: float = 120) -
     raise TimeoutError(f"prefect server at {api_url} not healthy after {timeout}s")
 
 
+def api_get(api_url: str, path: str) -> dict:
+    with urllib.request.urlopen(f"{api_url}/{path}", timeout=30) as response:
+        return json.load(response)
+
+
 def api_logs(api_url: str, logger: str, text: str) -> list[str]:
     """The messages the API holds from ``logger`` that contain ``text`` (any flow or task run)."""
     request = urllib.request.Request(
@@ -116,6 +128,7 @@ def api_logs(api_url: str, logger: str, text: str) -> list[str]:
 @pytest.mark.slow
 def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefect_env):
     env, root = prefect_env, prefect_env["DALA_ROOT"]
+    out = RootLayout(root).scoring()  # the nightly deployment's scoring root
     local = tmp_path / "source"
     count = synth.generate(str(local), patients=8, images_per_patient=2, seed=5, size=(128, 96))
     source = f"{s3_bucket}/source"
@@ -123,6 +136,13 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
         storage.write_bytes_atomic(
             storage.join(source, png.relative_to(local).as_posix()), png.read_bytes()
         )
+
+    # The incoming prefix: an unlabelled drop named as a scanner names it, not the BreakHis way.
+    incoming = f"{s3_bucket}/incoming/"
+    drop = synth.generate_cases(
+        incoming, cases=3, images_per_magnification=2, seed=11, size=(128, 96), magnifications=MAGS
+    )
+    unset = {key: value for key, value in env.items() if key != "DALA_INCOMING"}
 
     started: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
@@ -146,7 +166,10 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
         started.append(server)
         wait_healthy(env["PREFECT_API_URL"], server)
         prefect(env, "work-pool", "create", "dala-process", "--type", "process")
-        prefect(env, "deploy", "--all")
+        prefect(unset, "deploy", "--all")
+        unset_parameters = api_get(
+            env["PREFECT_API_URL"], "deployments/name/batch-inference/nightly"
+        )["parameters"]
         worker = subprocess.Popen(
             [str(BIN / "prefect"), "worker", "start", "--pool", "dala-process"],
             cwd=tmp_path,
@@ -176,10 +199,20 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
             timeout=450,
         )
         engine_logs = api_logs(env["PREFECT_API_URL"], "dala_model.engine.train", "epoch")
+        # Deployed without DALA_INCOMING: no drop, so nightly re-scores the root's manifest.
+        prefect(unset, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
+        rescored = read_predictions(root, "dalaresnet50", dedupe=False)
+        fallback_logs = api_logs(env["PREFECT_API_URL"], "prefect.flow_runs", "DALA_INCOMING")
+        prefect({**env, "DALA_INCOMING": incoming}, "deploy", "--name", "nightly")
+        parameters = api_get(env["PREFECT_API_URL"], "deployments/name/batch-inference/nightly")[
+            "parameters"
+        ]
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
-        first = read_predictions(root, "dalaresnet50", dedupe=False)
+        first = read_image_predictions(out, "dalaresnet50", dedupe=False)
+        cases = read_case_predictions(out, "dalaresnet50")
         prefect(env, "deployment", "run", "batch-inference/nightly", *watch, timeout=450)
-        second = read_predictions(root, "dalaresnet50", dedupe=False)
+        second = read_image_predictions(out, "dalaresnet50", dedupe=False)
+        after = read_predictions(root, "dalaresnet50", dedupe=False)
     finally:
         for process in reversed(started):
             stop(process)
@@ -199,7 +232,23 @@ def test_deployments_train_and_score_into_the_bucket(tmp_path, s3_bucket, prefec
         assert record["metrics"]["test"]["image"]["n"] > 0
     report = storage.read_bytes(f"{root}/reports/report.html").decode()
     assert all(f"dalaresnet50-{mag}x-patient-seed0" in report for mag in MAGS)
+    # Unset at deploy time, the parameter is an empty string, read as "no drop".
+    assert unset_parameters["source"] == ""
+    assert any("DALA_INCOMING unset" in m for m in fallback_logs), fallback_logs
     expected = manifest[manifest["magnification"].isin(MAGS)]
-    assert len(first) == len(expected) and set(first["image_id"]) == set(expected["image_id"])
-    assert len(second) == len(first) and not second.duplicated(["image_id", "model_version"]).any()
-    assert ((first["prob_malignant"] >= 0.5).astype(int) == first["pred_label"]).all()
+    assert len(rescored) == len(expected)
+    assert set(rescored["image_id"]) == set(expected["image_id"])
+    assert ((rescored["prob_malignant"] >= 0.5).astype(int) == rescored["pred_label"]).all()
+    # With DALA_INCOMING: one row per drop image under ROOT/scoring, none added by the rerun.
+    assert parameters["source"] == incoming and parameters["root"] == root
+    assert len(first) == len(drop) and first["sha256"].is_unique
+    assert sorted(u.split("/incoming/", 1)[1] for u in first["uri"]) == drop
+    assert set(first["magnification"]) == set(MAGS) and first["flow_run_id"].nunique() == 1
+    assert (
+        (first["prob_malignant"] >= first["threshold"]).astype(int) == first["pred_label"]
+    ).all()
+    assert len(second) == len(first) and not second.duplicated(["sha256", "model_version"]).any()
+    per_magnification = cases[cases["magnification"].notna()]
+    assert len(per_magnification) == 3 * len(MAGS) and (per_magnification["n_images"] == 2).all()
+    assert cases["magnification"].isna().sum() == 3  # one row per case across its magnifications
+    assert len(after) == len(rescored)  # scoring a drop adds nothing to the root's predictions

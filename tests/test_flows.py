@@ -3,7 +3,8 @@
 One module-scoped pipeline drives the flows in the order an operator would: a training run in
 which one magnification fails for a real reason (a stale run folder from another config), the
 rerun that completes only that one (as a two-process DDP job: ``gpus_per_training=2``), then
-batch inference twice and the report flow.
+batch inference twice, batch inference of an unlabelled case-folder drop (``source``) and the
+report flow.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
 )
-from prefect.testing.utilities import prefect_test_harness
 
 from dala_model import storage
 from dala_model.data import synth
 from dala_model.engine.config import TrainConfig
+from dala_model.layout import RootLayout
 from dala_model.serving import promotion
+from dala_model.serving.outputs import read_image_predictions
 from dala_model.serving.predictions import predictions_uri, read_predictions
 from flows.inference import inference_flow
 from flows.report import report_flow
@@ -53,7 +55,7 @@ def run_logs(flow_run_id) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict:
+def pipeline(tmp_path_factory, prefect_api) -> dict:
     base = tmp_path_factory.mktemp("flows")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=3, size=(128, 96))
@@ -63,10 +65,7 @@ def pipeline(tmp_path_factory) -> dict:
     other = TrainConfig(root=root, magnification=400, epochs=7, batch_size=8, image_size=32)
     (stale / "config.json").write_text(json.dumps({"config": other.model_dump(mode="json")}))
     # As the deployments do: the library's log lines go to the run logs (read back below).
-    with (
-        pytest.MonkeyPatch.context() as env,
-        prefect_test_harness(server_startup_timeout=120),
-    ):
+    with pytest.MonkeyPatch.context() as env:
         env.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "dala_model")
         failed = train_flow(
             root=root, source=source, magnifications=MAGS, **TINY, return_state=True
@@ -88,9 +87,10 @@ def pipeline(tmp_path_factory) -> dict:
         second_scoring = inference_flow(root=root, return_state=True)
         manifest_before = storage.read_bytes(f"{root}/manifests/manifest.parquet")
         rerun_logs = run_logs(rerun.state_details.flow_run_id)
-        foreign_source = inference_flow(
-            root=root, source=str(base / "elsewhere"), return_state=True
-        )
+        # An unlabelled case-folder drop (non-BreakHis names) scored into ROOT/scoring.
+        drop = str(base / "incoming")
+        drop_files = synth.generate_cases(drop, cases=3, images_per_magnification=1, seed=9)
+        foreign_source = inference_flow(root=root, source=drop, return_state=True)
         manifest_after = storage.read_bytes(f"{root}/manifests/manifest.parquet")
         report = report_flow(root=root, return_state=True)
         artifacts = {
@@ -101,6 +101,7 @@ def pipeline(tmp_path_factory) -> dict:
                 "progress-dalaresnet50-400x-patient-seed0",
                 "breakhis-report",
                 "batch-inference",
+                "batch-scoring",
             )
         }
         yield {
@@ -113,8 +114,11 @@ def pipeline(tmp_path_factory) -> dict:
             "first_scoring": first_scoring,
             "second_scoring": second_scoring,
             "rows_after_first": rows_after_first,
+            "drop": drop,
+            "drop_files": drop_files,
             "foreign_source": foreign_source,
-            "manifest_unchanged": manifest_before == manifest_after,
+            "manifest_before": manifest_before,
+            "manifest_after": manifest_after,
             "report": report,
             "artifacts": artifacts,
         }
@@ -188,10 +192,26 @@ def test_batch_inference_is_incremental(pipeline):
     assert storage.exists(predictions_uri(root, "dalaresnet50"))
 
 
-def test_batch_inference_refuses_a_source_that_would_replace_the_manifest(pipeline):
+def test_batch_inference_scores_a_foreign_source_into_its_own_root(pipeline):
+    root, drop, files = pipeline["root"], pipeline["drop"], pipeline["drop_files"]
     state = pipeline["foreign_source"]
-    assert state.is_failed() and "would replace the training manifest" in state.message
-    assert pipeline["manifest_unchanged"]
+    assert state.is_completed(), state.message
+    result = state.result()
+    scoring_root = RootLayout(root).scoring()
+    assert result["out"] == storage.redact(scoring_root) and result["layout"] == "case_folders"
+    assert result["images"] == len(files) and not result["quarantined"]
+    assert {m["magnification"]: m["scored"] for m in result["magnifications"]} == {
+        m: 3 for m in MAGS
+    }
+    table = read_image_predictions(scoring_root, "dalaresnet50", dedupe=False)
+    assert sorted(table["uri"]) == sorted(storage.join(drop, f) for f in files)
+    assert table["sha256"].is_unique and set(table["case_id"]) == {f.split("/")[0] for f in files}
+    assert set(table["flow_run_id"]) == {str(state.state_details.flow_run_id)}
+    assert result["images_uri"].startswith(scoring_root)
+    # The training manifest is byte-for-byte what it was, and its predictions gained no row.
+    assert pipeline["manifest_after"] == pipeline["manifest_before"]
+    assert len(read_predictions(root, "dalaresnet50", dedupe=False)) == pipeline["rows_after_first"]
+    assert "400X" in pipeline["artifacts"]["batch-scoring"].data
 
 
 def test_artifacts_and_report(pipeline):
@@ -206,3 +226,15 @@ def test_artifacts_and_report(pipeline):
     assert float(art["progress-dalaresnet50-400x-patient-seed0"].data) == 100.0
     assert "| manifest images |" in art["ingest-summary"].data
     assert "400X" in art["batch-inference"].data
+
+
+def test_unknown_magnifications_are_refused_before_any_work(prefect_api, tmp_path):
+    root = tmp_path / "root"
+    for flow_, parameters in (
+        (train_flow, {"magnifications": [40, 50]}),
+        (inference_flow, {"magnifications": [7]}),
+    ):
+        state = flow_(root=str(root), **parameters, return_state=True)
+        assert state.is_failed()
+        assert "magnifications must be one of (40, 100, 200, 400), got " in state.message
+    assert not root.exists()

@@ -120,6 +120,44 @@ def generate(
     return len(jobs)
 
 
+def generate_cases(
+    out: str,
+    cases: int,
+    images_per_magnification: int,
+    seed: int,
+    size: tuple[int, int] = (350, 230),
+    magnifications: tuple[int, ...] = MAGNIFICATIONS,
+) -> list[str]:
+    """An unlabelled drop as a clinic or scanner sends it; return the paths written, sorted.
+
+    Case folders with non-BreakHis names, so nothing but the folders says what an image is:
+    ``<out>/case-<NNNN>/<m>X/scan_<k>.png`` (``k`` counts on across a case's magnifications).
+    Cases alternate benign- and malignant-looking tissue (drawn as :func:`generate` draws it),
+    but no label is written anywhere. Seeded like :func:`generate`: same arguments, same bytes.
+    """
+    if cases < 1 or images_per_magnification < 1:
+        raise ValueError(
+            f"cases and images_per_magnification must be >= 1, got {cases}, {images_per_magnification}"
+        )
+    numbers = np.random.default_rng([seed, 4]).choice(np.arange(1, 10000), cases, replace=False)
+    written = []
+    for index, number in enumerate(numbers.tolist()):
+        style = _patient_style(index % 2 == 1, np.random.default_rng([seed, 5, index]))
+        scan = 0
+        for magnification in magnifications:
+            for _ in range(images_per_magnification):
+                scan += 1
+                rng = np.random.default_rng([seed, 6, index, magnification, scan])
+                buffer = io.BytesIO()
+                render(style, magnification, size, rng).save(
+                    buffer, "PNG", compress_level=PNG_COMPRESS_LEVEL
+                )
+                path = f"case-{number:04d}/{magnification}X/scan_{scan}.png"
+                storage.write_bytes_atomic(storage.join(out, path), buffer.getvalue())
+                written.append(path)
+    return sorted(written)
+
+
 def _patient_style(malignant: bool, rng: np.random.Generator) -> dict[str, float | np.ndarray]:
     """Per-patient drawing parameters: class means, jittered so the classes overlap."""
     jitter = lambda sigma: float(np.exp(rng.normal(0, sigma)))  # noqa: E731
