@@ -1,7 +1,7 @@
 """`train-breakhis`: [ingest ->] split -> parallel trainings -> promote -> report.
 
 Each (model, magnification[, fold]) trains in its own process from a pool sized to the machine's
-device slots (see ``flows/slots.py`` and docs/ORCHESTRATION.md): processes, not threads, so
+device slots (see ``flows/_slots.py`` and docs/ORCHESTRATION.md): processes, not threads, so
 trainings do not share a GIL or a CUDA context and one crash cannot take the others down. A
 training that fails is retried once (resuming from its checkpoint), then reported; the others'
 runs, promotions and the report still complete, and the flow run ends Failed naming what failed.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -26,16 +26,31 @@ from pydantic import BaseModel, Field
 
 from dala_model import storage
 from dala_model.data import cache, splits
+from dala_model.data.breakhis import check_magnifications
 from dala_model.data.manifest import manifest_version, read_manifest
-from dala_model.engine.config import MAGNIFICATIONS, TrainConfig
+from dala_model.engine.config import TrainConfig
 from dala_model.engine.distributed import World, check_batch_size
 from dala_model.engine.launcher import launch_training
 from dala_model.engine.train import RunConflict, completed_summary, run_uri, train
-from dala_model.paper import PAPER_RESULTS, paper_name
+from dala_model.paper import paper_name
+from dala_model.report.tables import fmt, mag_label, paper_metrics, table6_row
 from dala_model.serving import promotion
-from flows.ingest import IO_RETRIES, ingest_flow
+from flows._common import IO_RETRIES, field_annotation
+from flows._slots import SlotPlan, claim_slot, pin_process, plan_slots
+from flows.ingest import ingest_flow
 from flows.report import publish_report, report_task
-from flows.slots import SlotPlan, claim_slot, pin_process, plan_slots
+
+# Parameters that feed TrainConfig fields take their types and bounds from TrainConfig.
+Scheme = field_annotation(TrainConfig, "scheme")
+Epochs = field_annotation(TrainConfig, "epochs")
+BatchSize = field_annotation(TrainConfig, "batch_size")
+ImageSize = field_annotation(TrainConfig, "image_size")
+LearningRate = field_annotation(TrainConfig, "lr")
+Seed = field_annotation(TrainConfig, "seed")
+Pretrained = field_annotation(
+    TrainConfig, "pretrained", description="ImageNet weights (true) or a weights URL"
+)
+Monitor = field_annotation(TrainConfig, "monitor")
 
 
 class TrainOutcome(BaseModel):
@@ -196,17 +211,15 @@ def train_flow(
     source: Annotated[str | None, Field(description="ingest this image source first")] = None,
     models: Annotated[list[str], Field(min_length=1)] = ["dalaresnet50"],  # noqa: B006 - Prefect copies defaults
     magnifications: Annotated[list[int], Field(min_length=1)] = [40, 100, 200, 400],  # noqa: B006
-    scheme: Literal["paper", "patient", "patient-kfold"] = "patient",
+    scheme: Scheme = "patient",
     folds: Annotated[list[int] | None, Field(description="fold indices for patient-kfold")] = None,
-    epochs: Annotated[int, Field(gt=0)] = 50,
-    batch_size: Annotated[int, Field(gt=0)] = 32,
-    image_size: Annotated[int, Field(ge=32, le=1024)] = 224,
-    lr: Annotated[float, Field(gt=0)] = 1e-4,
-    seed: int = 0,
-    pretrained: Annotated[
-        bool | str, Field(description="ImageNet weights (true) or a weights URL")
-    ] = False,
-    monitor: Literal["val_accuracy", "val_gmean", "val_loss"] = "val_accuracy",
+    epochs: Epochs = 50,
+    batch_size: BatchSize = 32,
+    image_size: ImageSize = 224,
+    lr: LearningRate = 1e-4,
+    seed: Seed = 0,
+    pretrained: Pretrained = False,
+    monitor: Monitor = "val_accuracy",
     max_parallel: Annotated[
         int | None, Field(ge=1, description="cap on concurrent trainings")
     ] = None,
@@ -222,11 +235,7 @@ def train_flow(
 ) -> list[TrainOutcome]:
     """Train every (model, magnification[, fold]) in parallel, promote the best, build the report."""
     logger = get_run_logger()
-    unknown = sorted(set(magnifications) - set(MAGNIFICATIONS))
-    if unknown:
-        raise ValueError(
-            f"magnifications {unknown} are not BreakHis magnifications {MAGNIFICATIONS}"
-        )
+    check_magnifications(magnifications, what="magnifications")
     if (scheme == "patient-kfold") != (folds is not None):
         raise ValueError("folds is required with scheme 'patient-kfold' and only valid with it")
     check_batch_size(batch_size, World(size=gpus_per_training))
@@ -321,39 +330,28 @@ def _fan_out(
 
 def _publish_run_table(outcome: TrainOutcome) -> None:
     """The run's test metrics in the paper's Table 6 layout, beside the paper's published values."""
-    paper = PAPER_RESULTS.get(outcome.model, {}).get(outcome.magnification)
-    t = outcome.test
+    paper = paper_metrics(outcome.model, outcome.magnification)
 
-    def cell(value: float | None) -> str:
-        return "-" if value is None else f"{value:.3f}"
+    def row(values: dict, rest: dict[str, object]) -> dict[str, object]:
+        cells = table6_row(values, lambda value: fmt(value, missing="-"))
+        model = {
+            "Model": paper_name(outcome.model),
+            "Magnification": mag_label(outcome.magnification),
+        }
+        return {**model, **cells, **rest}
 
     rows = [
-        {
-            "Model": paper_name(outcome.model),
-            "Magnification": f"{outcome.magnification}X",
-            "Accuracy": cell(t["accuracy"]),
-            "F1 (minority/weighted)": f"{cell(t['f1_minority'])}/{cell(t['f1_weighted'])}",
-            "IBA": cell(t["iba_unsquared"]),
-            "G-mean": cell(t["gmean"]),
-            "Train seconds": f"{outcome.train_seconds:.1f}",
-            "Best epoch": outcome.best_epoch + 1,
-            "Source": "this run",
-        }
-    ]
-    if paper is not None:
-        rows.append(
+        row(
+            outcome.test,
             {
-                "Model": paper_name(outcome.model),
-                "Magnification": f"{outcome.magnification}X",
-                "Accuracy": cell(paper.accuracy),
-                "F1 (minority/weighted)": f"{cell(paper.f1_minority)}/{cell(paper.f1_weighted)}",
-                "IBA": cell(paper.iba),
-                "G-mean": cell(paper.gmean),
-                "Train seconds": "-",
-                "Best epoch": "-",
-                "Source": "paper",
-            }
+                "Train seconds": f"{outcome.train_seconds:.1f}",
+                "Best epoch": outcome.best_epoch + 1,
+                "Source": "this run",
+            },
         )
+    ]
+    if paper:
+        rows.append(row(paper, {"Train seconds": "-", "Best epoch": "-", "Source": "paper"}))
     create_table_artifact(
         table=rows,
         key=_artifact_key("metrics", outcome.run_id),

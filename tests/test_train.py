@@ -26,7 +26,8 @@ from dala_model.data.splits import make_split
 from dala_model.data.synth import generate
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.inference import predict_proba
-from dala_model.engine.train import RunConflict, epoch_order, train
+from dala_model.engine.sampling import epoch_order
+from dala_model.engine.train import RunConflict, train
 
 SIZE = 64
 MAG = 400

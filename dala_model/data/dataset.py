@@ -23,7 +23,16 @@ from dala_model.data.splits import read_split
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ["image_id", "uri", "label_id", "patient_id", "magnification", "sha256"]
+COLUMNS = [
+    "image_id",
+    "uri",
+    "label_id",
+    "patient_id",
+    "slide_id",
+    "subtype",
+    "magnification",
+    "sha256",
+]
 
 
 @dataclass
