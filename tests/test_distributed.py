@@ -125,16 +125,25 @@ def test_launcher_failure_names_the_cause_from_the_ranks_output(tiny_root):
     assert not (Path(tiny_root) / "runs" / config.resolved_run_id / "run.json").exists()
 
 
-def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):
+def _single(root: str, run_id: str, *extra: str) -> subprocess.CompletedProcess:
     # One thread, as torchrun gives each rank: the same arithmetic and no oversubscribed cores.
-    single = subprocess.run(
-        [sys.executable, *train_args(tiny_root, "single")],
+    done = subprocess.run(
+        [sys.executable, *train_args(root, run_id, *extra)],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    assert single.returncode == 0, single.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):
+    single = _single(tiny_root, "single")
+    # The tolerance is the run's own seed-to-seed spread, not a number tuned to one CPU's
+    # kernels: DDP differs from one process by per-rank BatchNorm statistics and augmentation
+    # draws, a perturbation of the size a change of seed makes.
+    _single(tiny_root, "single-seed1", "--seed", "1")
     folder = Path(tiny_root) / "runs" / ddp_run
     summary = json.loads((folder / "run.json").read_text())
     assert summary["status"] == "complete"
@@ -143,8 +152,13 @@ def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):
     assert list(ddp["epoch"]) == list(one["epoch"]) == list(range(EPOCHS))
     # Same global batches and seed; per-rank BatchNorm statistics and augmentation draws differ,
     # so the curves agree within a tolerance rather than exactly (chance level is ln 2 = 0.69).
-    np.testing.assert_allclose(ddp["train_loss"], one["train_loss"], atol=0.2)
-    np.testing.assert_allclose(ddp["val_loss"], one["val_loss"], atol=0.35)
+    other = history(tiny_root, "single-seed1")
+    for column, floor in (("train_loss", 0.05), ("val_loss", 0.1)):
+        spread = np.abs(other[column] - one[column]).max()
+        tolerance = max(floor, 2 * spread)
+        np.testing.assert_allclose(ddp[column], one[column], atol=tolerance, err_msg=column)
+        # and the DDP curve is a training curve, not noise: it stays within chance-level bounds
+        assert np.isfinite(ddp[column]).all() and (ddp[column] < 5).all()
     assert json.loads(single.stdout)["status"] == "complete"
     # Rank 0 evaluated the same test split and wrote it once.
     ours = pd.read_parquet(folder / "test_predictions.parquet")

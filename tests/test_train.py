@@ -69,9 +69,13 @@ def learned_run(synth_root):
 
 
 def test_training_learns_the_class_signal(learned_run, synth_root):
+    # Ranking (AUC) holds whatever the kernels; G-mean is asserted at the threshold the run chose
+    # on validation, since at 0.5 a short run may call every image one class on some CPUs.
     test = learned_run.metrics["test"]["image"]
     assert test["roc_auc"] > 0.8, test
-    assert test["gmean"] > 0.6, test
+    at_threshold = learned_run.metrics["test_at_threshold"]["image"]
+    assert at_threshold["gmean"] > 0.6, at_threshold
+    assert at_threshold["roc_auc"] == test["roc_auc"]  # same probabilities, other cut
     run = Path(learned_run.run_uri)
     history = pd.read_parquet(run / "history.parquet")
     assert list(history["epoch"]) == list(range(8))
