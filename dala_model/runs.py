@@ -30,6 +30,9 @@ from dala_model.layout import RootLayout
 SUMMARY = "run.json"
 CONFIG = "config.json"
 BEST = "best"  # the best-on-validation checkpoint folder (dala_model.models.checkpoint)
+CHECKPOINT = "checkpoint.pt"
+HISTORY = "history.parquet"
+TEST_PREDICTIONS = "test_predictions.parquet"
 SCHEMA_VERSION = 1  # of run.json and config.json; a file without the field is version 1
 
 R = TypeVar("R", bound="Record")
@@ -171,6 +174,25 @@ class RunConfigRecord(VersionedRecord):
     split_sizes: dict[str, int] | None = None
     split: dict[str, Any] | None = None  # data.splits.split_identity, where the run recorded it
     config_hash: str | None = None  # engine.config.config_hash
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The files of one run folder (what the engine writes; ``SUMMARY`` last)."""
+
+    folder: str
+    config: str
+    checkpoint: str
+    history: str
+    best: str
+    test_predictions: str
+    summary: str
+
+    @classmethod
+    def of(cls, folder: str) -> RunPaths:
+        names = (CONFIG, CHECKPOINT, HISTORY, BEST,
+                 TEST_PREDICTIONS, SUMMARY)  # fmt: skip
+        return cls(folder, *(storage.join(folder, name) for name in names))
 
 
 def runs_uri(root: str) -> str:

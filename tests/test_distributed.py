@@ -63,6 +63,10 @@ def train_args(root: str, run_id: str, *extra: str) -> list[str]:
         "1e-4",
         "--image-size",
         str(SIZE),
+        # DDP ranks take the static precision (they must agree and not time while competing for
+        # cores); the single-process runs compared with them are pinned to the same one.
+        "--precision",
+        "fp32",
         "--run-id",
         run_id,
         *extra,
@@ -82,6 +86,7 @@ def ddp_config(root: str) -> TrainConfig:
         batch_size=8,
         lr=1e-4,
         image_size=SIZE,
+        precision="fp32",
         run_id="ddp",
     )
 

@@ -143,6 +143,43 @@ def test_completed_run_is_skipped_and_conflicting_run_refused(learned_run, synth
         train(quick_config(synth_root, lr=5e-4, run_id=learned_run.run_id))
 
 
+def test_a_run_is_never_resumed_or_skipped_on_another_split(learned_run, synth_root):
+    summary = json.loads((Path(learned_run.run_uri) / "run.json").read_text())
+    recorded = json.loads((Path(learned_run.run_uri) / "config.json").read_text())["split"]
+    assert summary["split"] == recorded and recorded["hash"] and recorded["seed"] == 0
+    assert summary["config_hash"] and summary["tuning"]["precision"] in ("fp32", "bf16")
+    try:
+        make_split(synth_root, "paper", seed=1)  # `dala split --seed 1`: another assignment
+        with pytest.raises(RunConflict, match="split"):
+            train(quick_config(synth_root))  # a finished run on the old split is not "skipped"
+        with pytest.raises(RunConflict, match="split"):
+            train(quick_config(synth_root, resume=True))
+    finally:
+        make_split(synth_root, "paper", seed=0)  # the same seed gives the same hash back
+    assert train(quick_config(synth_root)).status == "skipped"
+
+
+def test_threshold_is_chosen_on_validation_and_stored_on_the_model_card(learned_run):
+    run = Path(learned_run.run_uri)
+    summary = json.loads((run / "run.json").read_text())
+    chosen = summary["threshold"]
+    assert 0.0 <= chosen["threshold"] <= 1.0 and chosen["gmean"] >= chosen["gmean_at_0.5"]
+    card = json.loads((run / "best" / "config.json").read_text())["card"]
+    assert card["threshold"] == chosen["threshold"]
+    at = summary["metrics"]["test_at_threshold"]
+    assert at["threshold"] == chosen["threshold"]
+    predictions = pd.read_parquet(run / "test_predictions.parquet")
+    expected = (predictions["prob_malignant"] >= chosen["threshold"]).astype(int)
+    assert at["image"]["confusion_matrix"][1][1] == int(
+        ((expected == 1) & (predictions["y_true"] == 1)).sum()
+    )
+    calibration = summary["metrics"]["calibration"]
+    assert sum(b["count"] for b in calibration["bins"]) == len(predictions)
+    assert 0.0 <= calibration["brier"] <= 1.0 and 0.0 <= calibration["ece"] <= 1.0
+    subtypes = summary["metrics"]["subtypes"]
+    assert sum(v["n"] for v in subtypes.values()) == len(predictions)
+
+
 def test_killed_run_resumes_to_the_uninterrupted_result(synth_root):
     """SIGKILL `dala train` after its first checkpoint; `--resume` matches an uninterrupted run.
 

@@ -120,7 +120,10 @@ class _Outcome:
 def ingest(
     source: str, root: str, workers: int | None = None, cache_size: int | None = 224
 ) -> IngestResult:
-    """Ingest every image under ``source`` into ``root`` (see the module docstring)."""
+    """Ingest every image under ``source`` into ``root`` (see the module docstring).
+
+    The steps: list the source, sort its files into quarantined / unchanged / to read, read the
+    rest in parallel (``_read``), then commit (``_commit``: quarantine, duplicates, manifest last)."""
     started = time.perf_counter()
     source = canonical_source(source)
     if workers is not None and workers < 1:
@@ -136,9 +139,49 @@ def ingest(
         )
     storage.check_writable(root)  # fail in a second, not after reading the whole source
     previous = _previous_rows(root, source)
-    now = pd.Timestamp.now(tz="UTC").floor("us")
+    rows, quarantine, todo = _sort_files(files, previous)
+    reused = len(rows)
+    log.info(
+        "ingest %s: %d image files, %d unchanged, reading %d",
+        storage.redact(source),
+        len(files),
+        reused,
+        len(todo),
+    )
+    workers = workers or default_workers()
     writer = ShardWriter(root, cache_size) if cache_size else None
+    images_per_s = _read(todo, rows, quarantine, writer, workers)
+    cached = writer.close() if writer is not None else 0
+    manifest, duplicates, quarantine_frame, version = _commit(
+        root, source, rows, quarantine, ignored=len(listing) - len(files)
+    )
+    if cache_size:
+        cached += build_cache(root, cache_size, workers)  # unchanged images not cached yet
+    result = IngestResult(
+        source=storage.redact(source),
+        root=storage.redact(root),
+        images=len(manifest),
+        read=len(todo),
+        reused=reused,
+        removed=len(set(previous) - {f.url for f in files}),
+        quarantined=len(quarantine_frame),
+        duplicates=len(duplicates),
+        ignored=len(listing) - len(files),
+        cached=cached,
+        seconds=time.perf_counter() - started,
+        images_per_s=images_per_s,
+        manifest_version=version,
+    )
+    log.info("ingest done: %s", result)
+    return result
 
+
+def _sort_files(
+    files: list[storage.StoredFile], previous: dict[str, dict[str, Any]]
+) -> tuple[
+    list[dict[str, Any]], list[dict[str, str]], list[tuple[storage.StoredFile, BreakHisName]]
+]:
+    """Rows reused unchanged from the previous manifest, files rejected by name, files to read."""
     rows: list[dict[str, Any]] = []
     quarantine: list[dict[str, str]] = []
     todo: list[tuple[storage.StoredFile, BreakHisName]] = []
@@ -153,20 +196,23 @@ def ingest(
             rows.append(old)
         else:
             todo.append((file, name))
-    reused = len(rows)
-    log.info(
-        "ingest %s: %d image files, %d unchanged, reading %d",
-        storage.redact(source),
-        len(files),
-        reused,
-        len(todo),
-    )
+    return rows, quarantine, todo
+
+
+def _read(
+    todo: list[tuple[storage.StoredFile, BreakHisName]],
+    rows: list[dict[str, Any]],
+    quarantine: list[dict[str, str]],
+    writer: ShardWriter | None,
+    workers: int,
+) -> float:
+    """Read, hash, verify and decode ``todo`` on a thread pool, in order; return images/s."""
+    now = pd.Timestamp.now(tz="UTC").floor("us")
 
     def inspect(item: tuple[storage.StoredFile, BreakHisName]) -> _Outcome:
         file, name = item
         return _inspect(file, name, now, writer)
 
-    workers = workers or default_workers()
     read_started = time.perf_counter()
     with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
         outcomes = bounded_map(pool, inspect, todo, window=4 * workers)
@@ -187,8 +233,17 @@ def ingest(
     images_per_s = len(todo) / read_seconds if todo and read_seconds > 0 else 0.0
     if todo:
         log.info("read, verified and decoded %d images at %.1f images/s", len(todo), images_per_s)
-    cached = writer.close() if writer is not None else 0
+    return images_per_s
 
+
+def _commit(
+    root: str,
+    source: str,
+    rows: list[dict[str, Any]],
+    quarantine: list[dict[str, str]],
+    ignored: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, str]:
+    """Write quarantine, duplicates, then the manifest (last, so a reader sees all or nothing)."""
     manifest, duplicates = _deduplicate(rows)
     quarantine_frame = pd.DataFrame(quarantine, columns=QUARANTINE_SCHEMA.names)
     counts = {
@@ -196,7 +251,7 @@ def ingest(
         "labels": {k: int(v) for k, v in Counter(manifest["label"]).items()},
         "quarantined": {k: int(v) for k, v in Counter(quarantine_frame["reason"]).items()},
         "duplicates": len(duplicates),
-        "ignored": len(listing) - len(files),
+        "ignored": ignored,
     }
     storage.write_parquet_atomic(quarantine_frame, quarantine_uri(root), schema=QUARANTINE_SCHEMA)
     storage.write_parquet_atomic(duplicates, duplicates_uri(root), schema=DUPLICATES_SCHEMA)
@@ -212,25 +267,7 @@ def ingest(
             "dala.manifest_version": version,
         },
     )
-    if cache_size:
-        cached += build_cache(root, cache_size, workers)  # unchanged images not cached yet
-    result = IngestResult(
-        source=storage.redact(source),
-        root=storage.redact(root),
-        images=len(manifest),
-        read=len(todo),
-        reused=reused,
-        removed=len(set(previous) - {f.url for f in files}),
-        quarantined=len(quarantine_frame),
-        duplicates=len(duplicates),
-        ignored=counts["ignored"],
-        cached=cached,
-        seconds=time.perf_counter() - started,
-        images_per_s=images_per_s,
-        manifest_version=version,
-    )
-    log.info("ingest done: %s", result)
-    return result
+    return manifest, duplicates, quarantine_frame, version
 
 
 def _precheck(file: storage.StoredFile) -> tuple[str, str, BreakHisName | None]:

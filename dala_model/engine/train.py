@@ -19,38 +19,32 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from dala_model import runs, storage
-from dala_model.calibration import calibration_summary, choose_threshold
 from dala_model.data.dataset import SplitImages, load_split
 from dala_model.data.manifest import manifest_version
 from dala_model.data.splits import split_identity, split_uri
-from dala_model.device import resolve_precision
-from dala_model.engine import distributed
+from dala_model.engine import autotune, distributed, records
 from dala_model.engine.checkpointing import CheckpointWriter, model_card, restore
-from dala_model.engine.config import TrainConfig, config_hash
+from dala_model.engine.config import TrainConfig
 from dala_model.engine.epoch import (
     EpochContext,
     NonFiniteLoss,
     recalibrate_batchnorm,
-    split_logits,
     train_epoch,
     training_tensors,
     validate,
 )
+from dala_model.engine.records import RunConflict
 from dala_model.engine.sampling import class_weights, seed_everything
-from dala_model.evaluation import evaluate, subtype_recall
 from dala_model.metrics import monitor_score
-from dala_model.models.checkpoint import load_model, save_model
+from dala_model.models.checkpoint import save_model
 from dala_model.models.registry import build_model
 from dala_model.models.transforms import BatchAugment
-from dala_model.provenance import code_version, environment
 
 # NonFiniteLoss is raised by an epoch (``epoch``) but is part of ``train``'s contract.
 __all__ = ["NonFiniteLoss", "ProgressCallback", "RunConflict", "TrainResult", "completed_result",
@@ -60,10 +54,6 @@ __all__ = ["NonFiniteLoss", "ProgressCallback", "RunConflict", "TrainResult", "c
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[dict], None]
-
-
-class RunConflict(ValueError):
-    """A run folder already holds a different run."""
 
 
 @dataclass
@@ -78,34 +68,16 @@ class TrainResult:
 
 
 @dataclass(frozen=True)
-class _Paths:
-    """The files of one run folder."""
-
-    folder: str
-    config: str
-    checkpoint: str
-    history: str
-    best: str
-    test_predictions: str
-    summary: str
-
-    @classmethod
-    def of(cls, folder: str) -> _Paths:
-        names = (runs.CONFIG, "checkpoint.pt", "history.parquet", "best",
-                 "test_predictions.parquet", runs.SUMMARY)  # fmt: skip
-        return cls(folder, *(storage.join(folder, name) for name in names))
-
-
-@dataclass(frozen=True)
 class _Run:
     """What the loop's steps share once the run is set up."""
 
     config: TrainConfig
-    paths: _Paths
+    paths: runs.RunPaths
     data_version: str
     data: dict[str, SplitImages]
     model: nn.Module  # the plain model: validated, saved and checkpointed
     epoch: EpochContext  # what a training epoch needs, ``epoch.model`` being the stepped wrapper
+    tuning: autotune.Choice  # the precision and memory format this machine runs (epoch.config)
 
     @property
     def job(self) -> distributed.World:
@@ -135,7 +107,7 @@ def train(config: TrainConfig, progress: ProgressCallback | None = None) -> Trai
 def _train(
     config: TrainConfig, progress: ProgressCallback | None, job: distributed.World
 ) -> TrainResult:
-    paths = _Paths.of(run_uri(config))
+    paths = runs.RunPaths.of(run_uri(config))
     summary = completed_summary(config)
     if summary is not None:
         log.info("run %s is already complete; skipping", config.resolved_run_id)
@@ -147,7 +119,9 @@ def _train(
     return _finish(run, state)
 
 
-def _prepare(config: TrainConfig, paths: _Paths, job: distributed.World) -> tuple[dict | None, str]:
+def _prepare(
+    config: TrainConfig, paths: runs.RunPaths, job: distributed.World
+) -> tuple[dict | None, str]:
     """Refuse a folder holding another run; return its recorded config (None if new), data version."""
     recorded = _recorded(paths.config)
     data_version = manifest_version(config.root)
@@ -163,26 +137,17 @@ def _prepare(config: TrainConfig, paths: _Paths, job: distributed.World) -> tupl
                 f"{recorded['data_version']}, but the manifest is now {data_version}: resuming would "
                 "mix two datasets; choose another run_id or seed"
             )
-        _check_same_split(recorded.get("split"), split_identity(config.root, config.scheme), paths)
+        records.check_same_split(
+            recorded.get("split"), split_identity(config.root, config.scheme), paths
+        )
     distributed.check_batch_size(config.batch_size, job)
     distributed.barrier(job)  # every rank has checked the folder before rank 0 writes to it
     return recorded, data_version
 
 
-def _check_same_split(recorded: dict | None, current: dict, paths: _Paths) -> None:
-    """A run continues, or counts as done, only on the split it started on (same content hash)."""
-    if recorded and recorded.get("hash") and recorded["hash"] != current.get("hash"):
-        raise RunConflict(
-            f"run folder {storage.redact(paths.folder)} was trained on split {recorded['hash']} "
-            f"({recorded.get('scheme')}, seed {recorded.get('seed')}), but the split file is now "
-            f"{current.get('hash')} (seed {current.get('seed')}): continuing would mix two splits. "
-            "Re-split with the run's seed, or choose another run_id or seed"
-        )
-
-
 def _setup(
     config: TrainConfig,
-    paths: _Paths,
+    paths: runs.RunPaths,
     data_version: str,
     job: distributed.World,
     *,
@@ -192,9 +157,13 @@ def _setup(
 
     The order is part of the result: seeding precedes the model's initialisation.
     """
-    seed_everything(config.seed)
     device = distributed.device_for(config.device, job)
-    dtype = resolve_precision(config.precision, device)
+    choice = records.tuning(
+        config, device, job
+    )  # before seeding: its timing runs draw random numbers
+    dtype = choice.dtype(device)
+    requested, config = config, config.model_copy(update={"channels_last": choice.channels_last})
+    seed_everything(config.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = load_split(
@@ -206,7 +175,7 @@ def _setup(
         config.use_cache,
     )
     if record_config and job.is_main:
-        _record_config(config, paths, data_version, job, device, data)
+        records.record_config(requested, paths, data_version, job, device, data)
 
     model = build_model(
         config.model, num_classes=2, pretrained=config.pretrained, **config.model_options
@@ -233,31 +202,7 @@ def _setup(
         dtype=dtype,
         job=job,
     )
-    return _Run(config, paths, data_version, data, model, epoch)
-
-
-def _record_config(
-    config: TrainConfig,
-    paths: _Paths,
-    data_version: str,
-    job: distributed.World,
-    device: torch.device,
-    data: dict[str, SplitImages],
-) -> None:
-    """Write ``config.json``: what the run is, on which data, code and machine."""
-    recorded = {
-        "config": config.model_dump(mode="json"),
-        "run_id": config.resolved_run_id,
-        "data_version": data_version,
-        "code_version": code_version(),
-        "environment": environment(device),
-        "processes": job.size,
-        "created_at": _now(),
-        "split_sizes": {name: len(split) for name, split in data.items()},
-        "split": (split := split_identity(config.root, config.scheme)),
-        "config_hash": config_hash(config, split["group_by"]),
-    }
-    storage.write_bytes_atomic(paths.config, _dumps(recorded))
+    return _Run(requested, paths, data_version, data, model, epoch, choice)
 
 
 def _resume(run: _Run) -> dict:
@@ -293,7 +238,8 @@ def _fit(run: _Run, state: dict, progress: ProgressCallback | None) -> None:
 
 def _run_epoch(run: _Run, epoch: int) -> tuple[dict, dict]:
     """Train one epoch and validate; return its history record and the validation metrics."""
-    config, ctx = run.config, run.epoch
+    ctx = run.epoch
+    config = ctx.config  # as run: the measured memory format filled in
     started = time.perf_counter()
     stats = train_epoch(ctx, epoch)
     train_seconds = time.perf_counter() - started
@@ -367,79 +313,14 @@ def _finish(run: _Run, state: dict) -> TrainResult:
         distributed.barrier(job)  # wait for rank 0's test evaluation and run.json
         summary = json.loads(storage.read_bytes(run.paths.summary))
         return _result(summary, run.paths, status="complete")
-    summary = _test_and_summarise(run, state)
-    storage.write_bytes_atomic(run.paths.summary, _dumps(summary))
+    summary = records.summarise(run, state)
+    storage.write_bytes_atomic(run.paths.summary, records.dumps(summary))
     result = _result(summary, run.paths, status="complete")
     distributed.barrier(job)
     return result
 
 
-def _test_and_summarise(run: _Run, state: dict) -> dict:
-    """Write the best model's test predictions; return the run's summary (``run.json``)."""
-    config, ctx, paths = run.config, run.epoch, run.paths
-    best = load_model(paths.best, map_location=ctx.device)
-    if config.channels_last:
-        best = best.to(memory_format=torch.channels_last)
-    test, val = run.data["test"], run.data["val"]
-    prob = _probabilities(config, best, test, ctx)
-    chosen = choose_threshold(val.labels, _probabilities(config, best, val, ctx))
-    threshold = chosen["threshold"]
-    predictions = test.frame[["image_id", "patient_id", "magnification"]].assign(
-        y_true=test.labels, prob_malignant=prob, y_pred=(prob >= 0.5).astype(np.int64)
-    )
-    storage.write_parquet_atomic(predictions, paths.test_predictions)
-    _store_threshold(paths.best, chosen)
-    patients = test.frame["patient_id"].to_numpy()
-    split = split_identity(config.root, config.scheme)
-    return {
-        "status": "complete",
-        "run_id": config.resolved_run_id,
-        "model": config.model,
-        "magnification": config.magnification,
-        "scheme": config.scheme,
-        "fold": config.fold,
-        "seed": config.seed,
-        "parameters": sum(p.numel() for p in best.parameters()),
-        "train_seconds": state["train_seconds"],
-        "epochs": config.epochs,
-        "best_epoch": state["best"]["epoch"],
-        "metrics": {
-            "val": state["best"]["val"],
-            "test": evaluate(test.labels, prob, patient_ids=patients),
-            "test_at_threshold": evaluate(test.labels, prob, patients, threshold=threshold),
-            "calibration": calibration_summary(test.labels, prob),
-            "subtypes": subtype_recall(
-                test.frame["subtype"].to_numpy(), test.labels, (prob >= threshold).astype(int)
-            ),
-        },
-        "threshold": chosen,
-        "split": split,
-        "config_hash": config_hash(config, split["group_by"]),
-        "data_version": json.loads(storage.read_bytes(paths.config))["data_version"],
-        "code_version": code_version(),
-        "config": config.model_dump(mode="json"),
-        "processes": distributed.world().size,
-        "finished_at": _now(),
-    }
-
-
-def _probabilities(config: TrainConfig, model: nn.Module, split: SplitImages, ctx) -> np.ndarray:
-    """The malignant-class probability of every image of ``split`` under ``model``."""
-    logits = split_logits(config, model, split, ctx.device, ctx.dtype)
-    return torch.softmax(logits, dim=1)[:, 1].numpy()
-
-
-def _store_threshold(best: str, chosen: dict) -> None:
-    """Put the validation-chosen threshold on the best model's card, where serving reads it."""
-    uri = storage.join(best, "config.json")
-    card = json.loads(storage.read_bytes(uri))
-    card.setdefault("card", {})
-    card["card"]["threshold"] = chosen["threshold"]
-    card["card"]["threshold_choice"] = chosen
-    storage.write_bytes_atomic(uri, json.dumps(card, indent=2, sort_keys=True).encode())
-
-
-def _result(summary: dict, paths: _Paths, status: str) -> TrainResult:
+def _result(summary: dict, paths: runs.RunPaths, status: str) -> TrainResult:
     return TrainResult(
         run_id=summary["run_id"],
         run_uri=paths.folder,
@@ -462,11 +343,13 @@ def completed_summary(config: TrainConfig) -> dict | None:
     recorded = _recorded(storage.join(folder, runs.CONFIG))
     if recorded is None:
         return None
-    _check_same_run(recorded["config"], config, folder)
+    records.check_same_run(recorded["config"], config, folder)
     summary = runs.completed_summary_at(folder)
     if summary is not None and storage.exists(split_uri(config.root, config.scheme)):
         current = split_identity(config.root, config.scheme)
-        _check_same_split(summary.get("split") or recorded.get("split"), current, _Paths.of(folder))
+        records.check_same_split(
+            summary.get("split") or recorded.get("split"), current, runs.RunPaths.of(folder)
+        )
     return summary
 
 
@@ -475,28 +358,8 @@ def completed_result(config: TrainConfig) -> TrainResult | None:
     summary = completed_summary(config)
     if summary is None:
         return None
-    return _result(summary, _Paths.of(run_uri(config)), status="complete")
+    return _result(summary, runs.RunPaths.of(run_uri(config)), status="complete")
 
 
 def _recorded(uri: str) -> dict | None:
     return runs.read_json(uri) if storage.exists(uri) else None
-
-
-def _check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
-    ignore = {"resume", "device", "workers"}
-    ours = config.model_dump(mode="json")
-    changed = sorted(k for k in ours if k not in ignore and recorded.get(k) != ours[k])
-    if changed:
-        raise RunConflict(
-            f"run folder {storage.redact(folder)} was started with a different config "
-            f"({', '.join(changed)} differ); "
-            "choose another run_id or seed"
-        )
-
-
-def _dumps(obj: dict) -> bytes:
-    return json.dumps(obj, indent=2, sort_keys=True, default=float).encode()
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
