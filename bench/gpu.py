@@ -5,7 +5,7 @@
 1. Data: ``dala_model.data.synth`` renders patients x 4 magnifications x images (in parallel
    processes); only 40X is kept (about 2,050 images, the paper's 1,995), ingested into a local
    root with its 224px cache, and split with the paper's image-level 60/10/30 scheme.
-2. Training images/s of the engine's own epoch function (``dala_model.engine.train._train_epoch``, data
+2. Training images/s of the engine's own epoch function (``dala_model.engine.epoch.train_epoch``, data
    already on the GPU as uint8): the reference is fp32 + NCHW at the paper's batch 32; ours is
    bf16 autocast + channels_last at batch 32 and the other batch sizes, then ``torch.compile`` at
    batch 32 and at the fastest batch.
@@ -365,7 +365,7 @@ def summarise(run: Run) -> None:
         (
             "train",
             GOALS["train"],
-            "one epoch of dala_model.engine.train._train_epoch "
+            "one epoch of dala_model.engine.epoch.train_epoch "
             "(uint8 data on the device, batch normalise + BatchAugment, Adam)",
         ),
         (

@@ -4,7 +4,7 @@
 Training under ``torchrun --nproc-per-node N -m dala_model.cli train ...`` is data parallel
 (DistributedDataParallel): torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` and every
 process runs the same ``dala_model.engine.train.train``. Each epoch's global order is already a pure
-function of ``(seed, epoch)`` (``train.epoch_order``), so the sampler is a slice: every rank
+function of ``(seed, epoch)`` (``engine.sampling.epoch_order``), so the sampler is a slice: every rank
 builds the same global batches of ``batch_size`` images and takes its own contiguous share of
 each. DDP averages the gradients, so one step sees the same global batch as a single-process run
 with the same ``batch_size`` and seed; the run folder, checkpoint and resume semantics are the
