@@ -26,7 +26,7 @@ install: $(STAMP)
 # data step runs outside any flow, so its lines stay on the console only.
 run: $(STAMP)
 	PREFECT_LOGGING_EXTRA_LOGGERS=dala_model PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore \
-	$(PY) -m flows.main $(if $(DATA),--data $(DATA)) $(if $(ROOT),--root $(ROOT)) $(if $(PROFILE),--profile $(PROFILE))
+	$(PY) -m flows.main $(if $(DATA),--data $(DATA)) $(if $(ROOT),--root $(ROOT)) $(if $(PROFILE),--profile $(PROFILE)) $(if $(NO_PRETRAINED),--no-pretrained)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check dala_model flows tests bench

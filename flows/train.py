@@ -6,6 +6,10 @@ trainings do not share a GIL or a CUDA context and one crash cannot take the oth
 training that fails is retried once (resuming from its checkpoint), then reported; the others'
 runs, promotions and the report still complete, and the flow run ends Failed naming what failed.
 Running the flow again skips complete runs and resumes unfinished ones.
+
+``protocol`` names a set of TrainConfig values (``engine.config.PROTOCOLS``: ``patient``, the
+default, or ``paper``); the training parameters default to empty, meaning "the protocol's value",
+so a caller overrides only what it sets (``protocol=paper, epochs=2``).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
@@ -28,7 +32,7 @@ from dala_model import storage
 from dala_model.data import cache, splits
 from dala_model.data.breakhis import check_magnifications
 from dala_model.data.manifest import manifest_version, read_manifest
-from dala_model.engine.config import TrainConfig
+from dala_model.engine.config import TrainConfig, apply_protocol
 from dala_model.engine.distributed import World, check_batch_size
 from dala_model.engine.launcher import launch_training
 from dala_model.engine.train import RunConflict, completed_summary, run_uri, train
@@ -211,15 +215,22 @@ def train_flow(
     source: Annotated[str | None, Field(description="ingest this image source first")] = None,
     models: Annotated[list[str], Field(min_length=1)] = ["dalaresnet50"],  # noqa: B006 - Prefect copies defaults
     magnifications: Annotated[list[int], Field(min_length=1)] = [40, 100, 200, 400],  # noqa: B006
-    scheme: Scheme = "patient",
+    protocol: Annotated[
+        Literal["patient", "paper"],
+        Field(
+            description="patient (TrainConfig's defaults) or paper (the published protocol); "
+            "a parameter left empty takes the protocol's value"
+        ),
+    ] = "patient",
+    scheme: Scheme | None = None,
     folds: Annotated[list[int] | None, Field(description="fold indices for patient-kfold")] = None,
-    epochs: Epochs = 50,
-    batch_size: BatchSize = 32,
+    epochs: Epochs | None = None,
+    batch_size: BatchSize | None = None,
     image_size: ImageSize = 224,
-    lr: LearningRate = 1e-4,
+    lr: LearningRate | None = None,
     seed: Seed = 0,
-    pretrained: Pretrained = False,
-    monitor: Monitor = "val_accuracy",
+    pretrained: Pretrained | None = None,
+    monitor: Monitor | None = None,
     max_parallel: Annotated[
         int | None, Field(ge=1, description="cap on concurrent trainings")
     ] = None,
@@ -236,6 +247,22 @@ def train_flow(
     """Train every (model, magnification[, fold]) in parallel, promote the best, build the report."""
     logger = get_run_logger()
     check_magnifications(magnifications, what="magnifications")
+    chosen = {
+        "scheme": scheme,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "lr": lr,
+        "seed": seed,
+        "pretrained": pretrained,
+        "monitor": monitor,
+    }
+    chosen = {key: value for key, value in chosen.items() if value is not None}
+    base = {"root": root, "resume": True, **chosen}
+    settings = {model: apply_protocol({**base, "model": model}, protocol) for model in models}
+    defaults = {name: info.default for name, info in TrainConfig.model_fields.items()}
+    scheme = settings[models[0]].get("scheme", defaults["scheme"])  # the same for every model
+    batch_size = settings[models[0]].get("batch_size", defaults["batch_size"])
     if (scheme == "patient-kfold") != (folds is not None):
         raise ValueError("folds is required with scheme 'patient-kfold' and only valid with it")
     check_batch_size(batch_size, World(size=gpus_per_training))
@@ -245,21 +272,7 @@ def train_flow(
     ensure_split(root, scheme, seed)
     ensure_cache(root, image_size)
     configs = [
-        TrainConfig(
-            root=root,
-            model=model,
-            magnification=mag,
-            scheme=scheme,
-            fold=fold,
-            epochs=epochs,
-            batch_size=batch_size,
-            image_size=image_size,
-            lr=lr,
-            seed=seed,
-            pretrained=pretrained,
-            monitor=monitor,
-            resume=True,
-        )
+        TrainConfig(**settings[model], magnification=mag, fold=fold)
         for model in models
         for mag in magnifications
         for fold in (folds or [None])

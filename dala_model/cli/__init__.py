@@ -13,7 +13,7 @@ import logging
 import sys
 
 # Subcommand modules, in the order their commands appear in `dala --help`.
-COMMAND_MODULES = ("models", "data", "train", "registry", "predict", "ops")
+COMMAND_MODULES = ("models", "data", "train", "explain", "registry", "predict", "ops")
 
 
 class UsageError(Exception):

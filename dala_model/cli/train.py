@@ -1,7 +1,8 @@
 """`dala train`: one model x one magnification; the TrainConfig fields people change, as flags.
 
 ``--config FILE`` starts from a whole TrainConfig in JSON (a run folder's ``config.json`` works
-too), so a recorded run is reproduced exactly; flags given beside it override its fields. The
+too), so a recorded run is reproduced exactly; flags given beside it override its fields.
+``--protocol`` (``engine.config.PROTOCOLS``) fills in only what neither the file nor a flag sets. The
 flow's multi-GPU trainings launch ``torchrun ... dala train --config`` the same way.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from dala_model.cli import UsageError
-from dala_model.engine.config import TrainConfig
+from dala_model.engine.config import PROTOCOLS, TrainConfig, apply_protocol
 from dala_model.runs import RunConfigRecord
 
 
@@ -44,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--imbalance", help="none (default) | oversample | class_weight")
     p.add_argument("--monitor", help="val_accuracy (default) | val_gmean | val_loss")
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
-    p.add_argument("--precision", help="auto (bf16 on CUDA; default) | bf16 | fp32")
+    p.add_argument(
+        "--precision",
+        help="auto (default: measured on first use on this machine, with the memory format) | bf16 | fp32",
+    )
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model"
     )
@@ -55,10 +59,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="read the decoded cache (default); --no-cache decodes the PNGs instead (slow)",
     )
     p.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="patient",
+        help="patient (default: TrainConfig's defaults) | paper (the published protocol: "
+        "image-level 6:1:3 split, ImageNet weights, no BatchNorm recalibration, fp32, batch 32, "
+        "50 epochs, lr 1e-4, head dropout 0.25, best on val accuracy); flags override its fields",
+    )
+    p.add_argument(
         "--pretrained",
         nargs="?",
         const=True,
         help="ImageNet weights (no value) or a weights path/URL",
+    )
+    p.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_const",
+        const=False,
+        help="random initialisation, also under --protocol paper (which asks for ImageNet weights)",
     )
     p.add_argument(
         "--run-id", help="run folder name (default derived from model, magnification, scheme, seed)"
@@ -91,13 +110,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The file's fields (if any), overridden by every flag that was given."""
+    """The protocol's fields, overridden by the file's (if any), overridden by every flag given."""
     fields = _read_config(args.config) if args.config else {}
     fields.update(
         (k, v) for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None
     )
     try:
-        return TrainConfig(**fields)
+        return TrainConfig(**apply_protocol(fields, getattr(args, "protocol", "patient")))
     except ValidationError as exc:
         raise UsageError(_explain(exc)) from None
 

@@ -31,6 +31,12 @@ class ModelSpec:
     before loading instead of failing it. ``note`` explains a mismatch with the paper's count where
     the cause is known. ``input_size`` is the side of the square images the model is specified at
     (the paper's 224 for all); a model that accepts no other size says so in its note.
+
+    ``cam_layer`` is the dotted module path (``model.get_submodule``) whose output Grad-CAM
+    explains: the last spatial feature map before pooling (``layer4`` for the ResNets). It is
+    None for the transformers (ViT, Swin, DINOv2), whose last maps are token sequences: without a
+    model-specific reshape a class activation map of them would not be honest, so
+    ``dala explain`` says "not supported" for them instead.
     """
 
     name: str
@@ -43,6 +49,7 @@ class ModelSpec:
     fresh: tuple[str, ...]
     note: str = ""
     unused: tuple[str, ...] = ()
+    cam_layer: str | None = None
 
     @property
     def options(self) -> dict[str, Any]:

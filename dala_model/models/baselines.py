@@ -89,6 +89,7 @@ RESNET50 = ModelSpec(
     preset="imagenet",
     weights=RESNET50_V1,
     fresh=("fc",),
+    cam_layer="layer4",
     note="the paper's count equals torchvision resnet34 with a 1000-way head",
 )
 SERESNET50 = ModelSpec(
@@ -100,6 +101,7 @@ SERESNET50 = ModelSpec(
     preset="imagenet",
     weights=WeightsSource.hf_hub("timm/seresnet50.a1_in1k"),
     fresh=("fc",),
+    cam_layer="layer4",
     note="timm's SE-ResNet50 (SE blocks with biases, a plain Linear head); the paper's count is "
     "that of seresnet50_paper",
 )
@@ -112,6 +114,7 @@ DENSENET121 = ModelSpec(
     preset="imagenet",
     weights=WeightsSource.torchvision(tvm.DenseNet121_Weights.IMAGENET1K_V1, _DENSENET_LEGACY_KEYS),
     fresh=("classifier",),
+    cam_layer="features.norm5",
     note="the paper's count matches no consistent DenseNet architecture",
 )
 VGG16 = ModelSpec(
@@ -123,6 +126,7 @@ VGG16 = ModelSpec(
     preset="imagenet",
     weights=VGG16_V1,
     fresh=("classifier.6",),
+    cam_layer="features.29",  # block 5's last ReLU (14x14), before the last max-pool
 )
 VIT_B_16 = ModelSpec(
     name="vit_b_16",

@@ -96,6 +96,7 @@ DALARESNET50 = ModelSpec(
     preset="paper",
     weights=RESNET50_V1,
     fresh=("layer4.3", "fc"),
+    cam_layer="layer4",  # its last block is the attention module: the re-weighted map
 )
 
 SPECS = (DALARESNET50,)

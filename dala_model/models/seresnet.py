@@ -88,6 +88,7 @@ SERESNET50_PAPER = ModelSpec(
         *(f"layer{stage}.{block}.se" for stage, n in enumerate(LAYERS, 1) for block in range(n)),
         "fc",
     ),
+    cam_layer="layer4",
     note="the paper's SE-ResNet50: torchvision ResNet50 with bias-free SE (r=16) in every "
     "bottleneck and a Linear 2048->512->2 head",
 )

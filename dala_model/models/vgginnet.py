@@ -89,6 +89,7 @@ VGGINNET = ModelSpec(
     weights=VGG16_V1,
     fresh=("inception", "norm", "classifier"),
     unused=("features.24", "features.26", "features.28"),
+    cam_layer="inception",  # the 14x14x736 concatenation the head reads
     note="VGGIN-Net (VGG16Inception) as in its authors' public code, 224x224 inputs only; the "
     "paper's count is 29,182,272 more than that code builds and matches no natural variant "
     "(not padded to fit)",

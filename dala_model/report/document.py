@@ -39,6 +39,7 @@ from dala_model.report.blocks import (
 )
 from dala_model.report.checklist import checklist_blocks
 from dala_model.report.collect import CI_METRICS, Run
+from dala_model.report.gallery import gallery_blocks
 from dala_model.report.tables import (
     MISSING,
     find_interval,
@@ -78,6 +79,7 @@ def document(
             Text("No complete runs yet, so there are no tables or figures.", warning=True)
         )
     blocks += [block for section in _sections(groups, runs) for block in _section(section)]
+    blocks += gallery_blocks(root, runs)
     blocks += _runs_section(runs, incomplete, problems)
     blocks += checklist_blocks(root, runs, groups)
     blocks += _notes(runs)
