@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bench import cache_read, infer_cpu, ingest, train_cpu
+from bench import cache_read, infer_cpu, ingest, predict_cpu, train_cpu
 from bench.data import fresh_dir, patients_for_images, synthesize, total_bytes
 from bench.harness import (
     add_size_flags,
@@ -55,6 +55,7 @@ class Sizes:
     int8_calibration_images: int = 32  # calibrate the int8 model on these ("validation")...
     int8_images: int = 96  # ...and score it against float on these (disjoint; "test")
     int8_train_steps: int = 10  # Adam steps: image-dependent features for the int8 entry
+    predict_images: int = 32  # PNGs of the predict-cpu drop (at 40X, from the small ingest set)
     reps: int = 3
     size: int = 224
 
@@ -74,6 +75,7 @@ QUICK = Sizes(
     int8_calibration_images=8,
     int8_images=8,
     int8_train_steps=2,
+    predict_images=8,
     reps=2,
 )
 
@@ -199,12 +201,25 @@ def bench_infer_cpu_int8(ws: Workspace) -> list[dict[str, Any]]:
     ]
 
 
+def bench_predict_cpu(ws: Workspace) -> list[dict[str, Any]]:
+    return [
+        predict_cpu.run(
+            fresh_dir(ws.work / "predict"),
+            ws.small_files,
+            size=ws.sizes.size,
+            images=ws.sizes.predict_images,
+            reps=ws.sizes.reps,
+        )
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Workspace], list[dict[str, Any]]]] = {
     "cache-read": bench_cache_read,
     "ingest": bench_ingest,
     "train-cpu": bench_train_cpu,
     "infer-cpu": bench_infer_cpu,  # also writes the scaling entry
     "infer-cpu-int8": bench_infer_cpu_int8,
+    "predict-cpu": bench_predict_cpu,
 }
 
 

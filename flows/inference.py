@@ -15,12 +15,17 @@ source (tests/test_e2e_deployment.py deploys it both ways).
 Both paths are incremental and idempotent (see those modules' docstrings): only images without a
 prediction from the same model version are scored, and part files are keyed by their content,
 so reruns and retries never add a row twice.
+
+``precision`` is passed to both: ``auto`` (measured once per machine, ``engine.autotune``) or
+``int8`` for CPU workers (the promoted model's int8 sibling, quantized on first use from its
+validation images and saved beside it; refused on CUDA). ``batch_size`` unset lets a CPU measure
+it.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Annotated
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -43,8 +48,9 @@ def score_task(
     magnification: int,
     flow_run_id: str,
     threshold: float,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
+    precision: str,
 ) -> dict:
     """Score one magnification; safe to retry because already-written parts are skipped."""
     return asdict(
@@ -56,6 +62,7 @@ def score_task(
             threshold=threshold,
             batch_size=batch_size,
             device=device,
+            precision=precision,
         )
     )
 
@@ -67,8 +74,9 @@ def score_source_task(
     out: str,
     model: str,
     threshold: float | None,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
+    precision: str,
     flow_run_id: str,
 ) -> dict:
     """Check, record and score one drop; safe to retry: scored images are skipped by content."""
@@ -80,6 +88,7 @@ def score_source_task(
         threshold=threshold,
         batch_size=batch_size,
         device=device,
+        precision=precision,
         flow_run_id=flow_run_id,
     )
     return asdict(result)
@@ -108,8 +117,14 @@ def inference_flow(
     threshold: Annotated[
         float | None, Field(gt=0, lt=1, description="default: the model card's, else 0.5")
     ] = None,
-    batch_size: Annotated[int, Field(gt=0)] = 64,
+    batch_size: Annotated[
+        int | None, Field(gt=0, description="default: measured on CPU (int8: 16), 128 on CUDA")
+    ] = None,
     device: Annotated[str, Field(description="auto, cpu, cuda or cuda:N")] = "auto",
+    precision: Annotated[
+        Literal["auto", "fp32", "bf16", "fp16", "int8"],
+        Field(description="auto: measured per machine; int8: CPU workers only"),
+    ] = "auto",
 ) -> list[dict] | dict:
     """Score new images with the registry's current models; write Parquet."""
     logger = get_run_logger()
@@ -123,7 +138,7 @@ def inference_flow(
             )
         out = out or RootLayout(root).scoring()
         future = score_source_task.submit(
-            source, registry or root, out, model, threshold, batch_size, device, run_id
+            source, registry or root, out, model, threshold, batch_size, device, precision, run_id
         )
         result = future.result()
         _publish_scoring(result)
@@ -138,16 +153,18 @@ def inference_flow(
             "run train-breakhis first or pin one with `dala promote`"
         )
     futures = [
-        score_task.submit(root, model, m, run_id, threshold, batch_size, device) for m in wanted
+        score_task.submit(root, model, m, run_id, threshold, batch_size, device, precision)
+        for m in wanted
     ]
     results = [f.result() for f in futures]
     for r in results:
         logger.info(
-            "%dX: scored %d, already scored %d, model %s",
+            "%dX: scored %d, already scored %d, model %s (%s)",
             r["magnification"],
             r["scored"],
             r["skipped"],
             r["model_version"][:12],
+            (r["tuning"] or {}).get("label", "nothing scored"),
         )
     _publish(results, root, model)
     return results
@@ -184,6 +201,7 @@ _COLUMNS = (
     "model version",
     "scored now",
     "already scored",
+    "precision",
     "accuracy",
     "IBA",
     "G-mean",
@@ -199,6 +217,7 @@ def _row(result: dict) -> list:
         f"`{result['model_version'][:12]}`",
         result["scored"],
         result["skipped"],
+        (result["tuning"] or {}).get("label", MISSING),
         *(fmt(metrics.get(key)) for key in ("accuracy", "iba_unsquared", "gmean")),
         storage.redact(result["report_uri"]) if result["report_uri"] else MISSING,
     ]
@@ -220,6 +239,7 @@ def _publish_scoring(result: dict) -> None:
                 "unscored": m["unscored"],
                 "model version": (m["model_version"] or MISSING)[:12],
                 "threshold": fmt(m["threshold"]),
+                "precision": (m["tuning"] or {}).get("label", MISSING),
                 "labelled": report.get("labelled", 0),
                 "evaluated": report.get("evaluated", 0),
                 "excluded": ", ".join(f"{k} {v}" for k, v in report.get("excluded", {}).items())

@@ -153,6 +153,25 @@ def test_cpu_suite_quick_inference_entries_use_the_autotuned_choice(tmp_path):
     assert (extra["roc_auc_difference"] is None) == (extra["roc_auc"]["float"] is None)
 
 
+def test_cpu_suite_quick_predict_cpu_scores_pngs_to_parquet(tmp_path):
+    out = tmp_path / "latest.json"
+    args = ["--quick", "--only", "predict-cpu", "--size", "64", "--out", str(out)]
+    _run(["-m", "bench.run", *args], 600)
+    payload = json.loads(out.read_text())
+    (result,) = payload["entries"]
+    _check_entry(result)
+    assert result["name"] == "predict-cpu" and result["goal"] == "ratio >= 0.8"
+    assert set(result["reps"]) == {"ours", "infer", "naive"}
+    assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])
+    assert result["settings"]["images"] == payload["sizes"]["predict_images"]
+    extra = result["extra"]
+    assert extra["naive_images_per_s"] > 0 and extra["speedup_vs_naive"] == pytest.approx(
+        result["ours"] / extra["naive_images_per_s"]
+    )
+    assert extra["tuning"]["label"] in result["settings"]["reference"]  # same choice both sides
+    assert extra["cpu_capability"] == payload["machine"]["cpu_capability"]
+
+
 @pytest.mark.parametrize(
     ("goal", "value", "met", "text"),
     [

@@ -181,7 +181,12 @@ def test_scores_a_drop_once_by_content(registry, buckets, layout):
     source, out = buckets
     files, expected, reasons, modes = _drop(layout)
     _upload(source, files)
-    result = score_source(source, registry, out, flow_run_id="first", device="cpu")
+    # fp32 pinned: the rows are checked against fp32 probabilities below, and "auto" may
+    # measure bf16 faster on a CPU with native bf16.
+    result = score_source(
+        source, registry, out, flow_run_id="first", device="cpu", precision="fp32"
+    )
+    assert all(m.precision == "fp32" for m in result.magnifications if m.scored)
     assert result.layout == ("case_folders" if layout == "folders" else "sidecar")
     assert result.quarantined == {r: 1 for r in reasons.values()} and result.duplicates == 1
 

@@ -7,6 +7,8 @@ import argparse
 from dala_model.cli import UsageError
 from dala_model.data.breakhis import MAGNIFICATIONS
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dala_model.serving.scorer.PRECISIONS
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -32,21 +34,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="call malignant at prob >= T (default: the model card's threshold, else 0.5)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: measured once per machine (fp32/bf16, memory format, CPU batch); int8: the "
+        "CPU int8 model, quantized on first use from the model's validation images and saved "
+        "beside it (not on CUDA)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="default: measured on CPU (int8: 16)"
+    )
     p.add_argument("--workers", type=int, default=None, help="read/decode threads")
     p.set_defaults(func=predict)
 
 
 def predict(args: argparse.Namespace) -> int:
+    from dala_model.serving.scorer import UnsupportedPrecision
     from dala_model.serving.scoring import score_source
 
     if args.threshold is not None and not 0.0 < args.threshold < 1.0:
         raise UsageError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
         result = _score(args, score_source)
     except LookupError as error:  # no promoted model: say how to get one
+        raise UsageError(str(error)) from None
+    except UnsupportedPrecision as error:  # e.g. int8 asked for on a CUDA device
         raise UsageError(str(error)) from None
     _print(result)
     return 0
@@ -61,6 +76,7 @@ def _score(args: argparse.Namespace, score_source):
         magnification=args.magnification,
         threshold=args.threshold,
         device=args.device,
+        precision=args.precision,
         batch_size=args.batch_size,
         workers=args.workers,
         flow_run_id="cli",
@@ -81,6 +97,8 @@ def _print(result) -> None:
             )
         elif m.model_version:
             model = f"model {m.model_version[:12]}"
+        if m.precision is not None:
+            model += f", {m.tuning.get('label', m.precision)}"
         print(
             f"{m.magnification}X: {m.scored} scored, {m.skipped} already scored, "
             f"{m.unscored} unscored, {m.quarantined} quarantined; " + model

@@ -104,8 +104,11 @@ def batch_report(
     rows: pd.DataFrame,
     flow_run_id: str,
     threshold: float,
+    scored_with: dict | None = None,
 ) -> tuple[dict | None, str | None]:
-    """Evaluate the drop's labelled images at one magnification; None when none is labelled."""
+    """Evaluate the drop's labelled images at one magnification; None when none is labelled.
+
+    ``scored_with`` (the precision and tuning this run scored with) is recorded in the report."""
     labelled = rows[rows["label_id"].notna()]
     if labelled.empty:
         return None, None
@@ -137,7 +140,7 @@ def batch_report(
         ),
         "threshold": float(threshold),
         "metrics": None,
-    }
+    } | (scored_with or {})
     if len(keep):
         report["metrics"] = evaluate(
             keep["label_id"].astype(int).to_numpy(),

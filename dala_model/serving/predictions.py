@@ -20,6 +20,13 @@ Why no row is ever written twice:
   chunk differently and both score an image; :func:`read_predictions` keeps one row per
   ``(image_id, model_version)``, the earliest. Raw part files may then hold a benign duplicate, the
   table that readers get never does.
+
+The model runs as ``dala_model.serving.scorer`` loads it, the path ``dala predict`` takes:
+``precision="auto"`` with the precision, memory format and CPU batch size measured once per
+machine, or ``precision="int8"`` on the CPU (the checkpoint's int8 sibling, calibrated on the
+model's validation images). :class:`ScoreResult` and the batch report record ``precision`` and
+``tuning``, each part file's Parquet metadata ``dala.precision``; ``model_version`` stays the
+float weights' sha256, so an image scored once is not scored again at another precision.
 """
 
 from __future__ import annotations
@@ -33,18 +40,16 @@ from datetime import UTC, datetime
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import torch
 
 from dala_model import storage
 from dala_model.data import cache
 from dala_model.data.dataset import decode_pngs
 from dala_model.data.manifest import read_manifest
-from dala_model.device import resolve_device, resolve_precision
-from dala_model.engine.inference import predict_proba
 from dala_model.layout import RootLayout
 from dala_model.metrics import classification_metrics
-from dala_model.models.checkpoint import load_model, read_model_config
+from dala_model.models.checkpoint import read_model_config
 from dala_model.serving.promotion import RegistryRecord, current_record
+from dala_model.serving.scorer import load_scorer, scoring_device
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ class ScoreResult:
     parts: list[str] = field(default_factory=list)
     metrics: dict | None = None
     report_uri: str | None = None
+    precision: str | None = None  # what scored this call's rows (fp32, bf16, fp16, int8)
+    tuning: dict | None = None  # the measured choice or the int8 model used (serving.scorer)
 
 
 def predictions_uri(
@@ -120,9 +127,10 @@ def score_magnification(
     *,
     flow_run_id: str,
     threshold: float = 0.5,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     chunk_size: int = 512,
     device: str = "auto",
+    precision: str = "auto",
     image_ids: list[str] | None = None,
 ) -> ScoreResult:
     """Score the not-yet-scored manifest images of one magnification with its current model.
@@ -130,9 +138,12 @@ def score_magnification(
     ``image_ids`` restricts scoring to a subset of the manifest (default: all of it). Images are
     read from the decoded cache at the model's training size when cached there, else decoded from
     their PNGs; chunks of ``chunk_size`` bound memory and each becomes one part file.
+    ``precision``: auto, fp32, bf16, fp16 (CUDA) or int8 (CPU); ``batch_size`` None lets the CPU
+    measure it.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    scoring_device(device, precision)  # an impossible request fails before any work
     record = current_record(root, model, magnification)
     if record is None:
         raise LookupError(
@@ -161,10 +172,9 @@ def score_magnification(
             batch_size=batch_size,
             chunk_size=chunk_size,
             device=device,
+            precision=precision,
         )
-    result.metrics, result.report_uri = _batch_report(
-        root, record, manifest, flow_run_id, result.parts
-    )
+    result.metrics, result.report_uri = _batch_report(root, record, manifest, flow_run_id, result)
     return result
 
 
@@ -176,38 +186,36 @@ def _score(
     *,
     flow_run_id: str,
     threshold: float,
-    batch_size: int,
+    batch_size: int | None,
     chunk_size: int,
     device: str,
+    precision: str,
 ) -> None:
     size, preset = int(record.config["image_size"]), record.config["preset"]
-    target = resolve_device(device)
-    dtype = resolve_precision("auto", target)
     checkpoint = record.checkpoint_uri
     if read_model_config(checkpoint)["weights_sha256"] != result.model_version:
         raise ValueError(
             f"{storage.redact(checkpoint)} no longer holds model_version {result.model_version[:12]}: "
             "the run folder was overwritten; promote the run again (`dala promote`)"
         )
-    channels_last = target.type == "cuda"  # NHWC weights and inputs: the fast cuDNN kernels
-    net = load_model(checkpoint, map_location=target)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    scorer = load_scorer(
+        root,
+        record,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        image_size=size,
+        preset=preset,
+    )
+    result.precision, result.tuning = scorer.precision, scorer.tuning
+    metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
     cached = set(cache.read_index(root, size)["image_id"])
     base = predictions_uri(root, result.model, result.model_version, result.magnification)
     for start in range(0, len(pending), chunk_size):
         chunk = pending.iloc[start : start + chunk_size]
         ids = chunk["image_id"].tolist()
         pixels = _pixels(root, chunk, size, cached)
-        prob = predict_proba(
-            net,
-            pixels,
-            preset=preset,
-            device=target,
-            dtype=dtype,
-            batch_size=batch_size,
-            channels_last=channels_last,
-        )
+        prob = scorer.proba(pixels)
         frame = pd.DataFrame(
             {
                 "image_id": ids,
@@ -225,7 +233,7 @@ def _score(
         )
         key = hashlib.sha256("\n".join([result.model_version, *ids]).encode()).hexdigest()[:20]
         uri = storage.join(base, f"part-{key}.parquet")
-        storage.write_parquet_atomic(frame, uri, schema=PREDICTION_SCHEMA)
+        storage.write_parquet_atomic(frame, uri, schema=PREDICTION_SCHEMA, metadata=metadata)
         result.parts.append(uri)
         result.scored += len(ids)
         log.info(
@@ -253,12 +261,12 @@ def _pixels(root: str, chunk: pd.DataFrame, size: int, cached: set[str]) -> np.n
 
 
 def _batch_report(
-    root: str, record: RegistryRecord, manifest: pd.DataFrame, flow_run_id: str, written: list[str]
+    root: str, record: RegistryRecord, manifest: pd.DataFrame, flow_run_id: str, result: ScoreResult
 ) -> tuple[dict | None, str | None]:
     """IBA/G-mean and the rest for the images this flow run scored, retries included.
 
     Those are the rows still attributed to the run (earlier attempts of the same flow run) and
-    every row of the parts this call ``written``: a racing run scoring the same pending set
+    every row of the parts this call wrote (``result.parts``): a racing run scoring the same pending set
     rewrites the same part keys with its own ``flow_run_id`` (same images, same model, same
     probabilities), which must not shrink this run's report.
     """
@@ -270,7 +278,7 @@ def _batch_report(
         )
     except FileNotFoundError:
         uris = []
-    ours = set(written)
+    ours = set(result.parts)
     for uri in uris:
         frame = storage.read_parquet(uri)
         frames.append(frame if uri in ours else frame[frame["flow_run_id"] == flow_run_id])
@@ -297,6 +305,8 @@ def _batch_report(
         "flow_run_id": flow_run_id,
         "threshold": float(labelled["threshold"].iloc[0]),
         "metrics": metrics,
+        "precision": result.precision,  # of this call's rows; None when it scored none
+        "tuning": result.tuning,
     }
     uri = RootLayout(root).batch_report(model, flow_run_id, magnification)
     storage.write_bytes_atomic(

@@ -7,7 +7,14 @@ case folders or a sidecar table: ``dala_model.data.sources``); ROOT holds the pr
 training manifest under ROOT is never read for scoring nor written.
 
 Each magnification is scored by its current promoted model, loaded with ``load_model`` and
-checked to still be the promoted weights. The threshold is, in order: ``threshold=`` (the CLI's
+checked to still be the promoted weights, then run as ``dala_model.serving.scorer`` says:
+``precision="auto"`` (default) with the precision, memory format and CPU batch size measured
+once per machine (``dala_model.engine.autotune``), or ``precision="int8"`` on the CPU with the
+checkpoint's int8 sibling (quantized and saved on first use, calibrated on the model's own
+validation images). What ran is recorded in each :class:`MagnificationScore` (``precision``,
+``tuning``), in the labelled drop's batch report and in each part file's Parquet metadata
+(``dala.precision``, ``dala.tuning``); ``model_version`` stays the float weights' sha256. The
+threshold is, in order: ``threshold=`` (the CLI's
 ``--threshold``), the model card's stored ``threshold`` (chosen on validation by the engine,
 ``dala_model.calibration``), else 0.5.
 
@@ -41,14 +48,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pandas as pd
-import torch
 
 from dala_model import storage
 from dala_model.data.cache import resize
 from dala_model.data.ingest import canonical_source
-from dala_model.device import resolve_device, resolve_precision
-from dala_model.engine.inference import predict_proba
-from dala_model.models.checkpoint import load_model, read_model_config
+from dala_model.models.checkpoint import read_model_config
 from dala_model.serving import evaluation
 from dala_model.serving.drop import decode_rgb, ingest_drop
 from dala_model.serving.outputs import (
@@ -59,6 +63,7 @@ from dala_model.serving.outputs import (
     scored_hashes,
 )
 from dala_model.serving.promotion import RegistryRecord, current_records
+from dala_model.serving.scorer import load_scorer, scoring_device
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,8 @@ class MagnificationScore:
     parts: list[str] = field(default_factory=list)
     report: dict | None = None
     report_uri: str | None = None
+    precision: str | None = None  # what scored this run's rows (fp32, bf16, fp16, int8)
+    tuning: dict | None = None  # the measured choice or the int8 model used (serving.scorer)
 
 
 @dataclass
@@ -112,17 +119,20 @@ def score_source(
     magnification: int | None = None,
     threshold: float | None = None,
     device: str = "auto",
+    precision: str = "auto",
     flow_run_id: str = "local",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     chunk_size: int = 512,
     workers: int | None = None,
 ) -> ScoringResult:
     """Check, record and score every image of ``source`` under ``out`` (see the module docstring).
 
     ``magnification`` fills in images whose magnification cannot be known (it does not restrict
-    scoring): each image is scored by the model of its own magnification."""
+    scoring): each image is scored by the model of its own magnification. ``precision`` is
+    auto, fp32, bf16, fp16 (CUDA) or int8 (CPU); ``batch_size`` None lets the CPU measure it."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    scoring_device(device, precision)  # an impossible request fails before any work
     if _same_root(out, registry):
         raise ValueError(
             f"--out {storage.redact(out)} is the registry root: its manifests/ is the training "
@@ -150,9 +160,16 @@ def score_source(
                 log.warning("%d images at %dX but no promoted %s model", len(rows), mag, model)
             scores.append(score)
             continue
-        _score(layout, record, rows, score, threshold, flow_run_id, device, batch_size, chunk_size)
+        run = {"device": device, "precision": precision, "batch_size": batch_size}
+        _score(layout, registry, record, rows, score, threshold, flow_run_id, run, chunk_size)
         score.report, score.report_uri = evaluation.batch_report(
-            registry, layout, record, rows, flow_run_id, score.threshold
+            registry,
+            layout,
+            record,
+            rows,
+            flow_run_id,
+            score.threshold,
+            scored_with={"precision": score.precision, "tuning": score.tuning},
         )
         scores.append(score)
     cases = rebuild_cases(layout, model)
@@ -185,16 +202,18 @@ def resolve_threshold(record: RegistryRecord, override: float | None) -> tuple[f
 
 def _score(
     layout: ScoringLayout,
+    registry: str,
     record: RegistryRecord,
     rows: pd.DataFrame,
     score: MagnificationScore,
     threshold: float | None,
     flow_run_id: str,
-    device: str,
-    batch_size: int,
+    run: dict,
     chunk_size: int,
 ) -> None:
-    """Score the images of ``rows`` that these weights have not scored yet, one part per chunk."""
+    """Score the images of ``rows`` that these weights have not scored yet, one part per chunk.
+
+    ``run`` holds the ``device``, ``precision`` and ``batch_size`` asked for."""
     version = record.model_version
     score.model_version = version
     score.threshold, score.threshold_from = resolve_threshold(record, threshold)
@@ -212,11 +231,9 @@ def _score(
         )
     size = int(record.config.get("image_size") or card["input_size"])
     preset = record.config.get("preset") or card["preset"]
-    target = resolve_device(device)
-    net = load_model(checkpoint, map_location=target)
-    channels_last = target.type == "cuda"
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+    scorer = load_scorer(registry, record, image_size=size, preset=preset, **run)
+    score.precision, score.tuning = scorer.precision, scorer.tuning
+    metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
     base = layout.images(record.model, version, score.magnification)
     for start in range(0, len(pending), chunk_size):
         chunk = pending.iloc[start : start + chunk_size]
@@ -225,15 +242,7 @@ def _score(
         score.unscored += int((~ok).sum())
         if chunk.empty:
             continue
-        prob = predict_proba(
-            net,
-            pixels[ok],
-            preset=preset,
-            device=target,
-            dtype=resolve_precision("auto", target),
-            batch_size=batch_size,
-            channels_last=channels_last,
-        )
+        prob = scorer.proba(pixels[ok])
         frame = pd.DataFrame(
             {
                 "image_id": chunk["image_id"].to_numpy(),
@@ -252,7 +261,7 @@ def _score(
         )
         key = hashlib.sha256("\n".join([version, *frame["sha256"]]).encode()).hexdigest()[:20]
         uri = storage.join(base, f"part-{key}.parquet")
-        storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA)
+        storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA, metadata=metadata)
         score.parts.append(uri)
         score.scored += len(frame)
         log.info("scored %d images at %dX -> %s", len(frame), score.magnification, uri)
