@@ -82,6 +82,7 @@ def _reference(y_true: np.ndarray, y_pred: np.ndarray, y_prob: np.ndarray) -> di
         "gmean": geometric_mean_score(y_true, y_pred, average="binary"),
         "iba": iba(y_true, y_pred, average="binary"),
         "iba_unsquared": iba_u(y_true, y_pred, average="binary"),
+        "iba_macro": iba_u(y_true, y_pred),  # imbalanced-learn's default averaging
         "balanced_accuracy": balanced_accuracy_score(y_true, y_pred),
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist(),
         "roc_auc": None if single else roc_auc_score(y_true, y_prob),

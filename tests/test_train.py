@@ -24,6 +24,7 @@ from dala_model.cli import UsageError
 from dala_model.data.ingest import ingest
 from dala_model.data.splits import make_split
 from dala_model.data.synth import generate
+from dala_model.device import resolve_precision
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.inference import predict_proba
 from dala_model.engine.sampling import epoch_order
@@ -125,7 +126,20 @@ def test_best_model_round_trip_reproduces_test_predictions(learned_run):
     images = load_images(
         str(Path(learned_run.run_uri).parents[1]), predictions["image_id"].tolist(), SIZE
     )
-    prob = predict_proba(model, images, preset="paper", device=torch.device("cpu"))
+    # The run evaluated with the precision and layout it measured on this machine (run.json's
+    # `tuning`); the reloaded model, run the same way, gives the same probabilities.
+    tuning = json.loads((Path(learned_run.run_uri) / "run.json").read_text())["tuning"]
+    device = torch.device("cpu")
+    if tuning["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    prob = predict_proba(
+        model,
+        images,
+        preset="paper",
+        device=device,
+        dtype=resolve_precision(tuning["precision"], device),
+        channels_last=tuning["channels_last"],
+    )
     np.testing.assert_allclose(prob, predictions["prob_malignant"], atol=1e-5)
     assert set(predictions.columns) >= {
         "image_id",
