@@ -46,7 +46,9 @@ def check_same_split(recorded: dict | None, current: dict, paths: runs.RunPaths)
 
 
 def check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
-    ignore = {"resume", "device", "workers"}
+    # How a run executes, not what it computes: a memory layout (measured or fixed) gives the same
+    # numbers, so folders from before layouts were measured (channels_last=True) stay the same run.
+    ignore = {"resume", "device", "workers", "channels_last"}
     ours = config.model_dump(mode="json")
     changed = sorted(k for k in ours if k not in ignore and recorded.get(k) != ours[k])
     if changed:
