@@ -158,9 +158,8 @@ def _setup(
     The order is part of the result: seeding precedes the model's initialisation.
     """
     device = distributed.device_for(config.device, job)
-    choice = records.tuning(
-        config, device, job
-    )  # before seeding: its timing runs draw random numbers
+    # Measured before seeding: the timing runs draw random numbers.
+    choice = records.tuning(config, device, job)
     dtype = choice.dtype(device)
     requested, config = config, config.model_copy(update={"channels_last": choice.channels_last})
     seed_everything(config.seed)
