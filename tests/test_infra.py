@@ -24,6 +24,8 @@ TEMPLATE = REPO / "infra" / "kubernetes" / "base-job-template.json"
 K8S_PREFECT_FILE = REPO / "infra" / "kubernetes" / "prefect.yaml"
 COMPOSE = REPO / "infra" / "compose" / "compose.yaml"
 SCALING = REPO / "docs" / "SCALING.md"
+RELIABILITY = REPO / "docs" / "RELIABILITY.md"
+EXAMPLE_ENV = REPO / "infra" / "compose" / "example.env"
 KUBERNETES_VERSION = "1.30.0"
 
 
@@ -60,15 +62,23 @@ def test_dockerignore_keeps_data_and_credentials_out_of_the_build_context():
 def test_compose_parses_and_uses_only_documented_images_and_variables():
     text = COMPOSE.read_text()
     compose = yaml.safe_load(text)
-    docs = SCALING.read_text()
+    docs = SCALING.read_text() + RELIABILITY.read_text()
     services = compose["services"]
-    assert {"postgres", "prefect-server", "minio", "create-bucket", "worker"} <= set(services)
+    assert {
+        "postgres",
+        "prefect-server",
+        "minio",
+        "create-bucket",
+        "worker",
+        "dask-scheduler",
+        "dask-worker",
+    } <= set(services)
     images = {service["image"] for service in services.values()}
     variables = set(re.findall(r"(?<!\$)\$\{([A-Z_][A-Z0-9_]*)", text))
     assert variables, "the compose file takes its passwords from variables"
     undocumented = sorted(name for name in images | variables if f"`{name}`" not in docs)
-    assert not undocumented, f"not documented in docs/SCALING.md: {undocumented}"
-    example = (REPO / "infra" / "compose" / "example.env").read_text()
+    assert not undocumented, f"not documented in docs/SCALING.md or RELIABILITY.md: {undocumented}"
+    example = EXAMPLE_ENV.read_text()
     assert variables <= set(re.findall(r"^([A-Z_]+)=", example, re.M))
     server_env = services["prefect-server"]["environment"]
     assert server_env["PREFECT_API_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
@@ -84,6 +94,180 @@ def test_compose_parses_and_uses_only_documented_images_and_variables():
             assert dockerfile.is_file(), dockerfile
         for value in (service.get("environment") or {}).values():
             assert "${" in str(value) or not re.search(r"(?i)password|secret", str(value))
+
+
+SERVER_API_URL = "http://prefect-server:4200/api"
+LOOPBACK = {"127.0.0.1", "::1", "[::1]"}
+
+
+def _host_ip(port) -> str | None:
+    """The host address a compose `ports:` entry publishes on; None means every interface."""
+    if isinstance(port, dict):  # long syntax
+        return port.get("host_ip")
+    # Short syntax: [HOST_IP:]HOST_PORT:CONTAINER_PORT. Interpolations may hold colons.
+    parts = re.sub(r"\$\{[^}]*\}", "VAR", str(port)).rsplit(":", 2)
+    return parts[0] if len(parts) == 3 else None
+
+
+def test_host_port_parser_sees_what_compose_publishes():
+    assert _host_ip("${PREFECT_PORT:-4200}:4200") is None
+    assert _host_ip("4200") is None
+    assert _host_ip("127.0.0.1:${PREFECT_PORT:-4200}:4200") == "127.0.0.1"
+    assert _host_ip("0.0.0.0:4200:4200") == "0.0.0.0"
+    assert _host_ip({"target": 4200, "published": 4200}) is None
+    assert _host_ip({"target": 4200, "host_ip": "127.0.0.1"}) == "127.0.0.1"
+
+
+def _auth_variable(value: str, where: str) -> str:
+    """The .env variable behind an auth setting; it must be the refusing ${VAR:?message} form."""
+    match = re.fullmatch(r"\$\{([A-Z_][A-Z0-9_]*):\?[^}]+\}", str(value))
+    assert match, f"{where}: expected ${{VAR:?message}} so compose refuses an unset value"
+    return match.group(1)
+
+
+def test_compose_stack_is_authenticated_and_the_server_stays_on_its_network():
+    text = COMPOSE.read_text()
+    services = yaml.safe_load(text)["services"]
+    server = services["prefect-server"]
+    variable = _auth_variable(
+        server["environment"]["PREFECT_SERVER_API_AUTH_STRING"],
+        "prefect-server PREFECT_SERVER_API_AUTH_STRING",
+    )
+    auth_value = server["environment"]["PREFECT_SERVER_API_AUTH_STRING"]
+    assert "PREFECT_API_AUTH_STRING" not in server["environment"]
+
+    # Every service on our image except the server runs Prefect code that calls the API, save the
+    # Dask scheduler (it only relays tasks); any service that names the API must authenticate.
+    ours = {name for name, service in services.items() if "build" in service}
+    clients = (ours - {"prefect-server", "dask-scheduler"}) | {
+        name
+        for name, service in services.items()
+        if "PREFECT_API_URL" in (service.get("environment") or {})
+    }
+    assert {"worker", "dask-worker"} <= clients
+    for name in sorted(clients):
+        env = services[name].get("environment") or {}
+        assert env.get("PREFECT_API_URL") == SERVER_API_URL, name
+        assert env.get("PREFECT_API_AUTH_STRING") == auth_value, (
+            f"{name}: PREFECT_API_AUTH_STRING must be the server's ${{{variable}:?...}}"
+        )
+    # Every use of the variable refuses an empty value, wherever it is interpolated.
+    uses = re.findall(rf"\$\{{{variable}([^}}]*)\}}", text)
+    assert uses and all(use.startswith(":?") for use in uses), uses
+
+    # Nothing that carries the API, its database or the Dask cluster is published on the host
+    # beyond loopback, commented-out examples included.
+    for name in ("prefect-server", "postgres", "dask-scheduler", "dask-worker"):
+        service = services[name]
+        assert service.get("network_mode") != "host", name
+        for port in service.get("ports") or []:
+            assert _host_ip(port) in LOOPBACK, f"{name} publishes {port!r} beyond 127.0.0.1"
+    for line in re.findall(r'^\s*#?\s*-\s*"?([^"\s]*:4200)"?\s*$', text, re.M):
+        assert _host_ip(line) in LOOPBACK, f"port 4200 example not on loopback: {line}"
+    healthcheck = " ".join(server["healthcheck"]["test"])
+    assert "/api/health" in healthcheck, "the only path the auth check lets through unauthenticated"
+
+    example = EXAMPLE_ENV.read_text()
+    placeholder = re.search(rf"^{variable}=(.*)$", example, re.M)
+    assert placeholder, f"{EXAMPLE_ENV} must document {variable}"
+    assert placeholder.group(1).strip() == "", "the placeholder must be empty so compose refuses it"
+    assert "infra/compose/.env" in (REPO / ".gitignore").read_text().split()
+    assert "Rotating the Prefect auth string" in RELIABILITY.read_text()
+    assert "Rotating the Prefect auth string" in text
+
+
+def test_compose_runs_a_dask_cluster_on_the_workers_image():
+    services = yaml.safe_load(COMPOSE.read_text())["services"]
+    worker, scheduler, dask_worker = (
+        services[name] for name in ("worker", "dask-scheduler", "dask-worker")
+    )
+    for service in (scheduler, dask_worker):
+        assert (service["image"], service["build"]) == (worker["image"], worker["build"])
+        assert not service.get("ports"), "the Dask cluster is reachable on the compose network only"
+    assert scheduler["command"][:2] == ["dask", "scheduler"]
+    assert scheduler["command"][scheduler["command"].index("--port") + 1] == "8786"
+    assert "8786" in " ".join(scheduler["healthcheck"]["test"])
+    # Flows reach it as dask_address=tcp://dask-scheduler:8786.
+    assert dask_worker["command"][:3] == ["dask", "worker", "tcp://dask-scheduler:8786"]
+    assert dask_worker["depends_on"]["dask-scheduler"]["condition"] == "service_healthy"
+    # Tasks on the Dask workers read and write the same root as the worker's flows.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "DALA_ROOT"):
+        assert dask_worker["environment"][key] == worker["environment"][key], key
+    # The `dask` CLI comes from distributed, which the image installs through the scale extra.
+    build = worker["build"]
+    dockerfile = (COMPOSE.parent / build["context"] / build["dockerfile"]).read_text()
+    assert re.search(r"pip install .*'\.\[scale\]'", dockerfile)
+    scale = _pyproject()["project"]["optional-dependencies"]["scale"]
+    assert any(requirement.startswith("prefect-dask") for requirement in scale)
+
+
+def _pyproject() -> dict:
+    import tomllib
+
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def _docker_compose() -> list[str] | None:
+    for command in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            probe = subprocess.run([*command, "version"], capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if probe.returncode == 0:
+            return command
+    return None
+
+
+def test_docker_compose_renders_the_stack_and_refuses_a_missing_auth_string(tmp_path):
+    """`docker compose config` (no daemon needed) where Compose is installed."""
+    compose = _docker_compose()
+    if compose is None:
+        pytest.skip("Docker Compose is not installed here; the YAML checks above still ran")
+    env = {key: value for key, value in os.environ.items() if key not in _env_names()}
+    values = {name: "" for name in _env_names()}
+    values.update(
+        POSTGRES_PASSWORD="pg-test", MINIO_ROOT_PASSWORD="minio-test", DALA_BUCKET="breakhis"
+    )
+    values.update(MINIO_ROOT_USER="dala", PREFECT_AUTH_STRING="admin:compose-test")
+
+    def config(**overrides: str) -> subprocess.CompletedProcess:
+        env_file = tmp_path / "test.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in {**values, **overrides}.items()))
+        return subprocess.run(
+            [
+                *compose,
+                "-f",
+                str(COMPOSE),
+                "--env-file",
+                str(env_file),
+                "config",
+                "--format",
+                "json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    rendered = config()
+    assert rendered.returncode == 0, rendered.stderr
+    services = json.loads(rendered.stdout)["services"]
+    server_env = services["prefect-server"]["environment"]
+    assert server_env["PREFECT_SERVER_API_AUTH_STRING"] == "admin:compose-test"
+    for name in ("worker", "dask-worker"):
+        assert services[name]["environment"]["PREFECT_API_AUTH_STRING"] == "admin:compose-test"
+    for port in services["prefect-server"].get("ports") or []:
+        assert port.get("host_ip") in LOOPBACK, port
+    refused = config(PREFECT_AUTH_STRING="")
+    assert refused.returncode != 0
+    assert "PREFECT_AUTH_STRING" in refused.stderr
+
+
+def _env_names() -> list[str]:
+    return re.findall(r"^([A-Z_][A-Z0-9_]*)=", EXAMPLE_ENV.read_text(), re.M)
 
 
 def test_kubernetes_deployments_mirror_the_process_ones():
