@@ -10,7 +10,7 @@ export PREFECT_HOME ?= $(CURDIR)/.prefect
 # this long (flows/_common.py: API_STARTUP_TIMEOUT_S, which the code also enforces).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 600
 
-.PHONY: install run test lint bench gpu-bench clean audit
+.PHONY: install run test lint bench gpu-bench clean audit report-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check dala_model flows tests bench
 	$(VENV)/bin/ruff format --check dala_model flows tests bench
+
+# Open the HTML report in headless Chromium (apt-get install chromium): every image loads, no
+# console errors, no horizontal scroll at 1366 px; saves reports/report.png beside it.
+report-check: $(STAMP)
+	$(PY) -m dala_model.report.browser $(or $(ROOT),data/quick/root)/reports/report.html
 
 # Known-vulnerability check of the pinned dependencies (constraints.txt); needs PyPI/OSV access.
 audit: $(STAMP)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
 import json
 import re
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -24,9 +26,17 @@ SEEDS = (0, 1)
 EPOCHS = 6
 
 
-def _write_run(root: str, model: str, mag: int, seed: int, scheme: str = "patient") -> dict:
+def _write_run(
+    root: str,
+    model: str,
+    mag: int,
+    seed: int,
+    scheme: str = "patient",
+    run_id: str | None = None,
+    model_options: dict | None = None,
+) -> dict:
     """One complete run folder: config.json, history.parquet, test_predictions.parquet, run.json."""
-    run_id = f"{model}-{mag}x-{scheme}-s{seed}"
+    run_id = run_id or f"{model}-{mag}x-{scheme}-s{seed}"
     folder = storage.join(root, "runs", run_id)
     params, skill = MODELS[model]
     rng = np.random.default_rng([list(MODELS).index(model), mag, seed])
@@ -68,6 +78,7 @@ def _write_run(root: str, model: str, mag: int, seed: int, scheme: str = "patien
         "batch_size": 32,
         "lr": 1e-4,
         "fold": None,
+        **({"model_options": model_options} if model_options else {}),
     }
     summary = {
         "status": "complete",
@@ -316,3 +327,114 @@ def test_table6_cells_for_ours_and_the_papers() -> None:
     ours = {"accuracy": 0.5, "f1_minority": None, "f1_weighted": 0.25, "gmean": float("nan")}
     assert table6_cells(ours, sep=" / ") == ["0.500", "— / 0.250", "—", "—"]
     assert table6_row(ours, lambda v: fmt(v, missing="-"))["F1 (minority/weighted)"] == "-/0.250"
+
+
+# ---------------------------------------------------------------- names that reach the report
+
+PAYLOAD = "<img src=x onerror=alert(1)>"
+INCOMPLETE_PAYLOAD = "<svg onload=alert(2)>"
+
+
+def write_planted_root(root: str) -> dict:
+    """Runs whose run id, model option and image ids (the source file names the gallery lists)
+    carry live-looking markup, an explained one among them, and an incomplete run named
+    likewise. Returns the planted run's summary."""
+    from dala_model.report.explain import EXPLAIN, INDEX, INDEX_COLUMNS
+
+    summary = _write_run(
+        root, "dalaresnet50", 40, 0, run_id=PAYLOAD, model_options={"note": PAYLOAD}
+    )
+    _write_run(root, "resnet50", 40, 0)
+    folder = storage.join(root, "runs", PAYLOAD)
+    storage.remove(storage.join(folder, "history.parquet"))  # a problem line naming the run
+    predictions = storage.read_parquet(storage.join(folder, "test_predictions.parquet"))
+    tiles = predictions.head(3).assign(
+        rank=range(3),
+        category=["FP", "FN", "TP"],
+        confidence=0.9,
+        cam_class=1,
+        method="gradcam",
+        file=[f"{i:02d}-tile.png" for i in range(3)],
+    )
+    for i, name in enumerate(tiles["file"]):
+        buffer = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 90, 160)).save(buffer, format="PNG")
+        storage.write_bytes_atomic(storage.join(folder, EXPLAIN, name), buffer.getvalue())
+    storage.write_parquet_atomic(tiles[list(INDEX_COLUMNS)], storage.join(folder, EXPLAIN, INDEX))
+    storage.write_bytes_atomic(
+        storage.join(root, "runs", INCOMPLETE_PAYLOAD, "config.json"),
+        json.dumps({"config": {"model": "resnet50", "magnification": 100}}).encode(),
+    )
+    return summary
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag, attrs) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def live_tags(page: str) -> list[tuple[str, dict[str, str | None]]]:
+    """Every element the page really has, as a browser's tokenizer sees its tags."""
+    parser = _Tags()
+    parser.feed(page)
+    return parser.tags
+
+
+def test_names_that_reach_the_report_are_escaped(tmp_path) -> None:
+    root = str(tmp_path / "root")
+    summary = write_planted_root(root)
+    written = build_report(root)
+    page = storage.read_bytes(written["report.html"]).decode()
+    md = storage.read_bytes(written["report.md"]).decode()
+    escaped = html.escape(PAYLOAD)
+
+    # The names do reach the page, as text: the run id in the runs table and the problems,
+    # the model option in every row label, an image id in the gallery's tile key.
+    assert f"<td><code>{escaped}</code></td>" in page
+    assert f"<li><code>{escaped}</code> has no history.parquet" in page
+    assert f"DALAResNet50 [note=&quot;{escaped}&quot;]" in page
+    image_id = summary["run_id"] + "-000"
+    assert f"<td><code>{html.escape(image_id)}</code></td>" in page
+    assert f"<td><code>{html.escape(INCOMPLETE_PAYLOAD)}</code></td>" in page
+    # ... and never as markup: the only images are the figures, no element has a handler.
+    tags = live_tags(page)
+    images = [attrs for tag, attrs in tags if tag == "img"]
+    assert len(images) == sum(name.endswith(".png") for name in written)
+    assert all((a["src"] or "").startswith("data:image/png;base64,") for a in images)
+    assert not [tag for tag, _ in tags if tag in ("script", "svg", "iframe", "object")]
+    assert not [(t, a) for t, a in tags for name in a if name.startswith("on")]
+    assert "gallery_40x.png" in written
+
+    # Markdown: the names stay in code spans or have their "<" escaped, never raw HTML.
+    outside_code = re.sub(r"`[^`\n]+`", "", md)
+    assert "<img" not in outside_code and "<svg" not in outside_code
+    assert '[note="&lt;img src=x onerror=alert(1)>"]' in md
+    assert f"| `{image_id}` |" in md
+
+
+def test_markdown_text_keeps_code_and_neutralises_the_rest() -> None:
+    from dala_model.report.tables import markdown_table, markdown_text
+
+    assert markdown_text("run `a<b>` failed <b>") == "run `a<b>` failed &lt;b>"
+    assert markdown_text("[x](javascript:alert(1))") == "\\[x]\\(javascript:alert(1))"
+    assert markdown_text("a\nb | c") == "a b | c"  # one line, whatever the text held
+    assert markdown_text("lone ` tick \\") == "lone \\` tick \\\\"
+    assert markdown_text("[0.61, 0.93] 10 patients", line_start=False) == (
+        "[0.61, 0.93] 10 patients"
+    )
+    assert markdown_table(["a|b"], [["`x|y`"]]).splitlines()[2] == "| `x\\|y` |"
+
+
+def test_report_link_is_a_browsable_redacted_url(tmp_path) -> None:
+    from flows.report import report_link
+
+    local = tmp_path / "a (b)" / "report.html"
+    assert report_link(str(local)) == local.as_uri()
+    assert report_link(str(local)).startswith("file:///") and "(" not in report_link(str(local))
+    assert report_link("s3://key:secret@bucket/r t/report.html") == (
+        "s3://***@bucket/r%20t/report.html"
+    )

@@ -24,6 +24,8 @@ from dala_model.report.aggregate import model_order
 from dala_model.report.collect import Run
 from dala_model.report.tables import RowKey
 
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*\.png")
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -50,6 +52,14 @@ class Image:
     name: str
     caption: str
     png: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        # The name becomes a file beside the report and a Markdown link target, unescaped.
+        if not _FILE_NAME.fullmatch(self.name):
+            raise ValueError(
+                f"figure file name {self.name!r} must match {_FILE_NAME.pattern}: "
+                "slug any run id or scheme that goes into it"
+            )
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Only runs that have been explained (``runs/<run_id>/explain/index.parquet``, wri
 ``report.explain``) appear; a report of runs never explained has no gallery section at all. Each
 magnification gets one figure, a row per explained run and a column per sampled image (the
 index's order: confident errors first), each captioned with its category and probability, and
-each DALAResNet50 run its attention-channel figure. The overlays are copied into the figure, so
+each DALAResNet50 run its attention-channel figure; a table under each figure names every tile's
+image id and patient, so a reader can find the slide. The overlays are copied into the figure, so
 the HTML report stays self-contained.
 """
 
@@ -21,10 +22,10 @@ from PIL import Image as PILImage
 from dala_model import storage
 from dala_model.paper import paper_name
 from dala_model.report import figures as fig
-from dala_model.report.blocks import Block, Heading, Image, Text
+from dala_model.report.blocks import Block, Heading, Image, Table, Text
 from dala_model.report.collect import Run
 from dala_model.report.explain import CHANNELS_FIGURE, EXPLAIN, INDEX
-from dala_model.report.tables import mag_label
+from dala_model.report.tables import fmt, mag_label
 from dala_model.runs import run_folder
 
 MAX_COLUMNS = 8
@@ -42,7 +43,8 @@ def gallery_blocks(root: str, runs: list[Run]) -> list[Block]:
             "predicted: red is where the evidence for that call lies. Images are sampled across "
             "false positives (FP), false negatives (FN), true positives (TP) and true negatives "
             "(TN), the most confident of each first; `p` is the predicted probability of "
-            "malignancy. A map shows what the model looked at, not that it was right to."
+            "malignancy. A map shows what the model looked at, not that it was right to. The "
+            "table under each figure names the image and patient of every tile."
         ),
     ]
     for mag in sorted({run.key[2] for run, _ in explained}):
@@ -54,6 +56,7 @@ def gallery_blocks(root: str, runs: list[Run]) -> list[Block]:
                 f"Grad-CAM overlays at {mag_label(mag)} ({len(rows)} run(s))",
                 fig.png(_gallery_figure(root, rows)),
             ),
+            Table(*_tile_key(rows)),
         ]
         for run, _ in rows:
             channels = storage.join(run_folder(root, run.run_id), EXPLAIN, CHANNELS_FIGURE)
@@ -67,6 +70,27 @@ def gallery_blocks(root: str, runs: list[Run]) -> list[Block]:
                     )
                 )
     return blocks
+
+
+def _tile_key(rows: list[tuple[Run, pd.DataFrame]]) -> tuple[list[str], list[list[str]]]:
+    """Which test image each tile shows, so a reader can find it: a line per tile, in order."""
+    header = ["Row", "Run", "Column", "Category", "P(malignant)", "Image", "Patient"]
+    body = []
+    for number, (run, index) in enumerate(rows, start=1):
+        for column in range(min(len(index), MAX_COLUMNS)):
+            entry = index.iloc[column]
+            body.append(
+                [
+                    str(number),
+                    f"`{run.run_id}`",
+                    str(column + 1),
+                    str(entry["category"]),
+                    fmt(entry["prob_malignant"], 2),
+                    f"`{entry['image_id']}`",
+                    str(entry["patient_id"]),
+                ]
+            )
+    return header, body
 
 
 def _index(root: str, run: Run) -> pd.DataFrame | None:

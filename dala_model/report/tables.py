@@ -21,6 +21,7 @@ them out as one record for the run and one for the paper (``table6_row``).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -140,11 +141,51 @@ def fmt_interval(record: Mapping[str, Any] | None, digits: int = 3) -> str:
     return text + (", optimistic" if record.get("optimistic") else "")
 
 
+# A code span as the report's texts write one: backticks around text without a backtick.
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+# Outside code spans: what would start raw HTML (``<``), a code span of its own (a lone
+# backtick) or an escape (a backslash); and line breaks, which would end a table row or a
+# heading. Entities (``&lt;``) decode to text, never to a tag.
+_MD_LITERAL = str.maketrans({"\\": "\\\\", "`": "\\`", "<": "&lt;", "\n": " ", "\r": " "})
+# A link needs "](" or "][" (no text can define a reference: see ``markdown_text``).
+_LINK = re.compile(r"\]([(\[])")
+
+
+def _literal(text: str) -> str:
+    return _LINK.sub(r"]\\\1", text.translate(_MD_LITERAL))
+
+
+def markdown_text(text: Any, *, line_start: bool = True) -> str:
+    """``text`` as inert Markdown: its `code` spans kept, everything else shown literally.
+
+    Every text a Markdown table, heading, paragraph or list of ours shows passes through here,
+    so a run id, a file name or a model option can never become HTML, a link, or a new line of
+    the document. Code spans are literal in CommonMark and their content has no backtick, so
+    they end where this parse says they do. A text that begins a line (``line_start``: a
+    paragraph or list item, not a table cell) has a leading ``[`` escaped, so it can neither
+    define a link reference nor become a task-list checkbox; brackets elsewhere stay as they
+    are (intervals are written ``[0.61, 0.93]``)."""
+    text = str(text).replace("\r", " ").replace("\n", " ")
+    parts, end = [], 0
+    for span in CODE_SPAN.finditer(text):
+        parts += [_literal(text[end : span.start()]), span.group(0)]
+        end = span.end()
+    out = "".join([*parts, _literal(text[end:])])
+    stripped = out.lstrip()
+    if line_start and stripped.startswith("["):
+        out = out[: len(out) - len(stripped)] + "\\" + stripped
+    return out
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A GitHub-flavoured Markdown table; pipes inside cells are escaped."""
+    """A GitHub-flavoured Markdown table of ``markdown_text`` cells; pipes are escaped too."""
 
     def row(cells: Sequence[Any]) -> str:
-        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+        return (
+            "| "
+            + " | ".join(markdown_text(c, line_start=False).replace("|", "\\|") for c in cells)
+            + " |"
+        )
 
     return "\n".join([row(header), "|" + "---|" * len(header), *(row(r) for r in rows)])
 
