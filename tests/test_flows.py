@@ -220,7 +220,9 @@ def test_artifacts_and_report(pipeline):
     files = pipeline["report"].result()
     assert files["report.html"] == storage.join(root, "reports", "report.html")
     assert root in art["breakhis-report"].data and "report.html" in art["breakhis-report"].data
-    assert art["breakhis-report-link"].data == f"[report.html]({Path(files['report.html']).as_uri()})"
+    assert (
+        art["breakhis-report-link"].data == f"[report.html]({Path(files['report.html']).as_uri()})"
+    )
     rows = json.loads(art["metrics-dalaresnet50-40x-patient-seed0"].data)
     assert [r["Source"] for r in rows] == ["this run", "paper"] and rows[1]["Accuracy"] == "0.985"
     summary = json.loads(storage.read_bytes(f"{root}/runs/dalaresnet50-40x-patient-seed0/run.json"))
