@@ -11,6 +11,7 @@ its methods return the URL of each thing the library reads or writes::
     ROOT/predictions/model=<m>/version=<v>/magnification=<x>/part-<key>.parquet
     ROOT/predictions/reports/model=<m>/<flow_run_id>/<x>x.json
     ROOT/reports/report.md, report.html, metrics.json, *.png
+    ROOT/profile.json                                     (what `make run` profile made the root)
     ROOT/scoring/                                         (default scoring root: docs/SCORING.md)
     ROOT/staging/                                         (scratch of distributed ingest)
 
@@ -115,6 +116,13 @@ class RootLayout:
     def reports(self, name: str | None = None) -> str:
         """The report folder, or the file ``name`` in it (``report.html``, ``metrics.json``...)."""
         return self._join("reports", *([name] if name else []))
+
+    # ROOT/profile.json
+    def profile(self) -> str:
+        """What the run that made this root was (``make run``'s profile: data, size, epochs),
+        written by ``flows.main``; the report's header says it, since a 2-minute demo's numbers
+        must not read as the model's."""
+        return self._join("profile.json")
 
     # ROOT/scoring/
     def scoring(self) -> str:

@@ -8,8 +8,9 @@ ROOT/scoring. Without ``PREFECT_API_URL`` Prefect
 starts a temporary local server on the SQLite database in ``$PREFECT_HOME`` (the Makefile keeps it
 in ./.prefect), so nothing but Python is needed; with it, the runs appear in that server's UI.
 
-Profiles: ``quick`` (default) finishes in minutes on 2 CPU cores with small images, a small
-synthetic set and 2 epochs; ``paper`` trains under the paper's protocol
+Profiles: ``quick`` (default) finishes in minutes on 2 CPU cores with 64 px images, a synthetic
+set of 40 slide folders and 8 epochs, and learns what a user can see (test G-mean at the
+validation threshold, patient-disjoint); ``paper`` trains under the paper's protocol
 (``engine.config.PROTOCOLS["paper"]``: image-level 6:1:3 split, ImageNet weights, no BatchNorm
 recalibration, fp32, 224 px, 50 epochs, batch 32, lr 1e-4). Its ImageNet weights must be in the
 torch hub cache (the error names the file otherwise); ``--no-pretrained`` trains from scratch.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import sys
 from collections.abc import Iterator
@@ -33,6 +35,7 @@ from dala_model.serving import promotion
 
 
 class Profile(BaseModel):
+    description: str  # one line the report's header shows (ROOT/profile.json)
     image_size: int
     epochs: int
     batch_size: int
@@ -45,13 +48,27 @@ class Profile(BaseModel):
 
 PROFILES = {
     "quick": Profile(
+        description=(
+            "a demonstration of the pipeline, not a measure of the model: small synthetic images "
+            "at 64 px and a few CPU epochs from random weights; the paper's protocol is "
+            "`make run PROFILE=paper`"
+        ),
+        # Measured (2026-12-02, tuning on 40X and 400X, patient split): 12 patients x 4 images
+        # and 2 epochs called every test image one class (G-mean 0); 40 x 6 at lr 1e-3 for 8
+        # epochs reached test AUC 0.93-0.94 and G-mean 0.84-0.87 at the validation threshold.
+        # Fewer patients leave a split with one benign case, whose G-mean is all or nothing.
         image_size=64,
-        epochs=2,
+        epochs=8,
         batch_size=16,
-        synthetic_patients=12,
-        synthetic_images_per_patient=4,
+        lr=1e-3,
+        synthetic_patients=40,
+        synthetic_images_per_patient=6,
     ),
     "paper": Profile(
+        description=(
+            "the paper's protocol (image-level 6:1:3 split, 224 px, 50 epochs, batch 32, "
+            "lr 1e-4, ImageNet weights unless --no-pretrained)"
+        ),
         image_size=224,
         epochs=50,
         batch_size=32,
@@ -100,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     drop = _unlabelled_drop(profile, home / "incoming")
     root = args.root or str(home / "root")
     root = root if "://" in root else str(Path(root).resolve())
+    _record_profile(root, args.profile, profile, synthetic=args.data is None, source=source)
     with local_api():
         return _run(
             train_flow,
@@ -193,6 +211,25 @@ def local_api() -> Iterator[None]:
     finally:
         APILogWorker.drain_all(timeout=5)  # send the last run logs while the server is still up
         server.stop()
+
+
+def _record_profile(
+    root: str, name: str, profile: Profile, *, synthetic: bool, source: str
+) -> None:
+    """``ROOT/profile.json``: what made this root, for the report's header (``RootLayout.profile``)."""
+    record = {
+        "profile": name,
+        **profile.model_dump(),
+        "data": (
+            f"synthetic BreakHis ({profile.synthetic_patients} slide folders x "
+            f"{profile.synthetic_images_per_patient} images per magnification, dala_model.data.synth)"
+            if synthetic
+            else storage.redact(source)
+        ),
+    }
+    storage.write_bytes_atomic(
+        RootLayout(root).profile(), json.dumps(record, indent=2, sort_keys=True).encode()
+    )
 
 
 def _synthetic_source(profile: Profile, folder: Path) -> str:

@@ -242,7 +242,12 @@ def _greedy_groups(
     """Assign whole groups, class by class, to the split furthest below its image targets.
 
     A split's deficit is summed over magnifications, each as a share of that magnification's
-    target, so a group with many 400X images fills 400X and not the others.
+    target, so a group with many 400X images fills 400X and not the others. When a class has no
+    more groups left than there are splits still lacking it, those go to the lacking splits: a
+    validation split with one class cannot choose a threshold (``dala_model.calibration``) and a
+    test split with one class has no sensitivity or specificity, so each split gets every class
+    whenever the class has a group for each (the greedy rule alone once left a 24-patient set's
+    validation split without a benign case).
     """
     labels = images.groupby("group")["label_id"].agg(["min", "max"])
     mixed = labels.index[labels["min"] != labels["max"]]
@@ -256,11 +261,15 @@ def _greedy_groups(
         totals = np.maximum(counts.sum(axis=0), 1.0)
         targets = weights * totals  # splits x magnifications
         filled = np.zeros_like(targets)
-        for k in rng.permutation(len(members)):
+        empty = {i for i, w in enumerate(fractions) if w > 0}  # splits without this class yet
+        for done, k in enumerate(rng.permutation(len(members))):
             deficit = ((targets - filled) / totals).sum(axis=1)
+            if len(members) - done <= len(empty):  # as many groups left as splits lacking it
+                deficit = np.where([i in empty for i in range(len(names))], deficit, -np.inf)
             choice = int(np.argmax(deficit))
             assignment[members.index[k]] = names[choice]
             filled[choice] += counts[k]
+            empty.discard(choice)
     return assignment
 
 

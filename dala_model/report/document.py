@@ -14,10 +14,12 @@ settings gets one section per setting, so unlike runs never share a mean or a ta
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
 from dala_model import storage
+from dala_model.layout import RootLayout
 from dala_model.paper import (
     PAPER_ASSUMPTIONS,
     PAPER_CITATION,
@@ -74,6 +76,7 @@ def document(
             + f". Published numbers are from {PAPER_CITATION}."
         ),
     ]
+    blocks += _profile(root)
     if not groups:
         blocks.append(
             Text("No complete runs yet, so there are no tables or figures.", warning=True)
@@ -89,6 +92,26 @@ def document(
             Bullets(list(PAPER_ASSUMPTIONS)),
         ]
     return blocks
+
+
+def _profile(root: str) -> list[Block]:
+    """The header line naming the profile that made the root (``flows.main``), when one did.
+
+    A quick demo's numbers come from minutes of CPU training on small synthetic images; saying
+    so where the numbers start keeps them from being read as the model's."""
+    uri = RootLayout(root).profile()
+    if not storage.exists(uri):
+        return []
+    try:
+        record = json.loads(storage.read_bytes(uri))
+        text = (
+            f"Profile `{record['profile']}`: {record['description']}. Data: {record['data']}; "
+            f"{record['image_size']} px, {record['epochs']} epochs, batch {record['batch_size']}, "
+            f"lr {record['lr']:g}, protocol `{record['protocol']}`."
+        )
+    except (ValueError, KeyError, TypeError) as exc:
+        return [Text(f"{storage.redact(uri)} is unreadable ({exc}): the profile is not known.")]
+    return [Text(text, warning=record["profile"] != "paper")]
 
 
 def _sections(groups: list[dict[str, Any]], runs: list[Run]) -> list[Section]:
