@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         help="BreakHis images to ingest (folder or s3://bucket/prefix); "
-        "default: synthetic images generated into ./data/<profile>/synthetic",
+        "default: synthetic images generated into ./data/<profile>/synthetic-<folders>x<images>",
     )
     parser.add_argument(
         "--root", help="storage root for every output (default ./data/<profile>/root)"
@@ -113,7 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     profile = PROFILES[args.profile]
     # One folder per profile: a quick run's 2-epoch models must never stand in for the paper's.
     home = Path("data") / args.profile
-    source = args.data or _synthetic_source(profile, home / "synthetic")
+    # Named by its size, so a profile whose data changes never reuses an older, smaller set.
+    synthetic = home / (
+        f"synthetic-{profile.synthetic_patients}x{profile.synthetic_images_per_patient}"
+    )
+    source = args.data or _synthetic_source(profile, synthetic)
     drop = _unlabelled_drop(profile, home / "incoming")
     root = args.root or str(home / "root")
     root = root if "://" in root else str(Path(root).resolve())
@@ -227,9 +231,17 @@ def _record_profile(
             else storage.redact(source)
         ),
     }
-    storage.write_bytes_atomic(
-        RootLayout(root).profile(), json.dumps(record, indent=2, sort_keys=True).encode()
-    )
+    uri = RootLayout(root).profile()
+    if storage.exists(uri):
+        before = json.loads(storage.read_bytes(uri))
+        changed = sorted(k for k in record if k != "description" and before.get(k) != record[k])
+        if changed:  # its runs were trained otherwise: resuming them would refuse, or mix
+            raise SystemExit(
+                f"{storage.redact(root)} was made by another version of the {before.get('profile')!r} "
+                f"profile (different {', '.join(changed)}): remove it (rm -r {storage.redact(root)}) "
+                "or pass --root <new folder>"
+            )
+    storage.write_bytes_atomic(uri, json.dumps(record, indent=2, sort_keys=True).encode())
 
 
 def _synthetic_source(profile: Profile, folder: Path) -> str:
