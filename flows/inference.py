@@ -16,6 +16,12 @@ Both paths are incremental and idempotent (see those modules' docstrings): only 
 prediction from the same model version are scored, and part files are keyed by their content,
 so reruns and retries never add a row twice.
 
+``explain=True`` (with ``explain_method``) applies to a source drop only: it writes Grad-CAM
+overlays of the images called malignant or uncertain and names them in ``heatmap_uri``
+(``dala_model.serving.scoring``). The re-scoring of a root's own manifest writes no heatmaps, so
+``explain=True`` without a source (or with an empty one) is refused before any work, rather than
+silently ignored; a run's test images are explained with ``dala explain ROOT --run RUN_ID``.
+
 ``precision`` is passed to both: ``auto`` (measured once per machine, ``engine.autotune``) or
 ``int8`` for CPU workers (the promoted model's int8 sibling, quantized on first use from its
 validation images and saved beside it; refused on CUDA). ``batch_size`` unset lets a CPU measure
@@ -78,8 +84,11 @@ def score_source_task(
     device: str,
     precision: str,
     flow_run_id: str,
+    explain: bool = False,
+    explain_method: str = "gradcam",
 ) -> dict:
-    """Check, record and score one drop; safe to retry: scored images are skipped by content."""
+    """Check, record and score one drop; safe to retry: scored images are skipped by content
+    (heatmaps are content-keyed too, written before the part that names them)."""
     result = scoring.score_source(
         source,
         registry,
@@ -90,6 +99,8 @@ def score_source_task(
         device=device,
         precision=precision,
         flow_run_id=flow_run_id,
+        explain=explain,
+        explain_method=explain_method,
     )
     return asdict(result)
 
@@ -125,8 +136,19 @@ def inference_flow(
         Literal["auto", "fp32", "bf16", "fp16", "int8"],
         Field(description="auto: measured per machine; int8: CPU workers only"),
     ] = "auto",
+    explain: Annotated[
+        bool,
+        Field(description="with source: Grad-CAM overlays of malignant and uncertain calls"),
+    ] = False,
+    explain_method: Literal["gradcam", "gradcam++"] = "gradcam",
 ) -> list[dict] | dict:
     """Score new images with the registry's current models; write Parquet."""
+    if explain and not (source or "").strip():
+        raise ValueError(
+            "explain=True writes heatmaps for a source drop (source=<prefix>); re-scoring the "
+            "root's own manifest writes none. Pass source, or explain a training run's test "
+            "images with `dala explain ROOT --run RUN_ID`"
+        )
     logger = get_run_logger()
     run_id = str(runtime.flow_run.id)
     source = _drop_or_none(source, logger)
@@ -138,7 +160,17 @@ def inference_flow(
             )
         out = out or RootLayout(root).scoring()
         future = score_source_task.submit(
-            source, registry or root, out, model, threshold, batch_size, device, precision, run_id
+            source,
+            registry or root,
+            out,
+            model,
+            threshold,
+            batch_size,
+            device,
+            precision,
+            run_id,
+            explain,
+            explain_method,
         )
         result = future.result()
         _publish_scoring(result)
@@ -240,6 +272,7 @@ def _publish_scoring(result: dict) -> None:
                 "model version": (m["model_version"] or MISSING)[:12],
                 "threshold": fmt(m["threshold"]),
                 "precision": (m["tuning"] or {}).get("label", MISSING),
+                "heatmaps": m["explained"] if m["explain"] else MISSING,
                 "labelled": report.get("labelled", 0),
                 "evaluated": report.get("evaluated", 0),
                 "excluded": ", ".join(f"{k} {v}" for k, v in report.get("excluded", {}).items())

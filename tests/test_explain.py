@@ -18,6 +18,7 @@ from dala_model.data.splits import make_split
 from dala_model.data.synth import generate
 from dala_model.engine.config import PROTOCOLS, TrainConfig, apply_protocol
 from dala_model.engine.train import train
+from dala_model.models._spec import CAM_RESHAPES, ModelSpec
 from dala_model.models.pretrained import PretrainedWeightsUnavailable
 from dala_model.models.registry import build_model, get_model_spec, list_models
 from dala_model.report import build_report
@@ -25,8 +26,10 @@ from dala_model.report.explain import (
     INDEX_COLUMNS,
     ExplanationNotSupported,
     cam_layer_of,
+    cam_target_of,
     grad_cam,
     stratified_sample,
+    vit_tokens,
 )
 
 SIZE = 64
@@ -129,6 +132,89 @@ def test_every_spec_names_a_real_cam_layer_or_refuses_honestly(name):
     with torch.device("meta"):
         model = build_model(name)
     assert isinstance(model.get_submodule(cam_layer_of(name)), nn.Module)
+
+
+# ---------------------------------------------------------------- ViTs: the token reshape
+
+
+def _small_vit(name: str) -> tuple[nn.Module, int]:
+    """A few-thousand-parameter model with the module layout of the registry's ``name``, so the
+    spec's own ``cam_layer`` path and token layout are what is exercised, and its input side."""
+    import timm
+    import torchvision.models as tvm
+
+    from dala_model.models.vit import PaperViT
+
+    torch.manual_seed(0)
+    if name == "vit_paper":
+        return PaperViT(2, image_size=32, patch=8, dim=16, depth=6, heads=2, mlp_dim=32), 32
+    if name == "vit_b_16":
+        model = tvm.VisionTransformer(
+            image_size=32, patch_size=8, num_layers=12, num_heads=2, hidden_dim=16, mlp_dim=32
+        )
+        model.heads = nn.Sequential()
+        model.heads.add_module("head", nn.Linear(16, 2))  # torchvision zero-inits its head
+        return model, 32
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=28,
+        patch_size=14,
+        embed_dim=16,
+        depth=12,
+        num_heads=2,
+        num_classes=2,
+        dynamic_img_size=True,
+        init_values=1.0,
+    )
+    return model, 28
+
+
+@pytest.mark.parametrize("name", ["vit_paper", "vit_b_16", "dinov2_vitb14"])
+def test_vit_grad_cam_reads_the_token_grid_at_the_registry_layer(name):
+    target = cam_target_of(name)
+    assert target.reshape == "vit_tokens" and target.layer.endswith(("norm1", "ln_1"))
+    model, side = _small_vit(name)
+    x = torch.randn(3, 3, side, side, generator=torch.Generator().manual_seed(1))
+    maps = grad_cam(model, target.layer, x, [1, 0, 1], "gradcam", target.reshape)
+    assert maps.shape == (3, side, side) and np.isfinite(maps).all()
+    assert maps.min() >= 0.0 and maps.max() <= 1.0 + 1e-6
+    assert (maps.std(axis=(1, 2)) > 1e-3).all()  # a map over the grid, not a constant
+    plus = grad_cam(model, target.layer, x, [1, 0, 1], "gradcam++", target.reshape)
+    assert plus.shape == maps.shape and np.isfinite(plus).all()
+
+
+def test_the_papers_vit_gives_a_map_at_a_non_square_size():
+    """The real 51M-parameter vit_paper (at 32x48: a 2x3 grid, resampled positions)."""
+    model = build_model("vit_paper")
+    target = cam_target_of("vit_paper")
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    maps = grad_cam(model, target.layer, x, [1, 1], "gradcam", target.reshape)
+    assert maps.shape == (2, 32, 48) and np.isfinite(maps).all()
+    assert (maps.std(axis=(1, 2)) > 1e-3).all()
+
+
+def test_vit_tokens_drops_the_cls_token_and_keeps_the_grid_order():
+    rows, cols, channels = 2, 3, 4
+    grid = torch.arange(rows * cols * channels, dtype=torch.float32).reshape(
+        1, rows, cols, channels
+    )
+    tokens = torch.cat([torch.full((1, 1, channels), -1.0), grid.flatten(1, 2)], dim=1)
+    out = vit_tokens(tokens, height=32, width=48)
+    assert out.shape == (1, channels, rows, cols)
+    assert torch.equal(out, grid.permute(0, 3, 1, 2))  # token r*cols + c lands at (r, c)
+    with pytest.raises(ExplanationNotSupported, match="not a CLS token plus a patch grid"):
+        vit_tokens(tokens[:, :-1], height=32, width=48)  # 5 patches: no 2:3 grid
+    with pytest.raises(ExplanationNotSupported, match="not a ViT token layer"):
+        vit_tokens(torch.zeros(1, 4, 2, 2), height=32, width=32)
+
+
+def test_cam_reshape_names_are_data_checked_when_a_spec_is_made():
+    assert CAM_RESHAPES == ("vit_tokens",)
+    spec = get_model_spec("vit_paper")
+    fields = {f: getattr(spec, f) for f in spec.__dataclass_fields__}
+    with pytest.raises(ValueError, match="cam_reshape='tokens' is not one of"):
+        ModelSpec(**fields | {"cam_reshape": "tokens"})
+    with pytest.raises(ValueError, match="cam_layer is None"):
+        ModelSpec(**fields | {"cam_layer": None})
 
 
 # ---------------------------------------------------------------- the paper protocol
@@ -244,15 +330,16 @@ def test_dala_explain_writes_overlays_index_and_channel_weights(paper_run, capsy
     assert len(list(folder.glob("[0-9]*.png"))) == 2
 
 
-def test_explain_refuses_a_transformer_run_clearly(paper_run, capsys, tmp_path):
+def test_explain_refuses_a_model_without_a_cam_layer_clearly(paper_run, capsys, tmp_path):
     root, _, result = paper_run
     record = json.loads((Path(result.run_uri) / "config.json").read_text())
-    record["config"]["model"] = "vit_paper"
-    fake = Path(root) / "runs" / "vit-fake"
+    record["config"]["model"] = "swin_b"
+    fake = Path(root) / "runs" / "swin-fake"
     fake.mkdir()
     (fake / "config.json").write_text(json.dumps(record))
-    assert main(["explain", root, "--run", "vit-fake"]) == 2
-    assert "not supported for 'vit_paper'" in capsys.readouterr().err
+    assert main(["explain", root, "--run", "swin-fake"]) == 2
+    err = capsys.readouterr().err
+    assert "not supported for 'swin_b'" in err and "vit_paper" in err  # and what is supported
     (fake / "config.json").unlink()
     fake.rmdir()
 

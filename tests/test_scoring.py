@@ -193,6 +193,8 @@ def test_scores_a_drop_once_by_content(registry, buckets, layout):
     # Every image row: one per content, with its case, magnification and model.
     table = read_image_predictions(out, "dalaresnet50")
     assert list(table.columns) == IMAGE_SCHEMA.names and len(table) == len(expected)
+    assert table["heatmap_uri"].isna().all()  # written, null: nothing was asked to explain
+    assert not storage.exists(storage.join(out, "explain"))
     by_uri = table.set_index("uri")
     for relpath, want in expected.items():
         row = by_uri.loc[f"{source}/{relpath}"]

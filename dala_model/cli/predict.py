@@ -1,13 +1,21 @@
-"""`dala predict`: score a drop of new images with the promoted models, writing under OUT."""
+"""`dala predict`: score a drop of new images with the promoted models, writing under OUT.
+
+``--explain`` also writes Grad-CAM overlays of the images called malignant or uncertain (see
+``dala_model.serving.scoring``); it needs the ``explain`` extra, checked here so the command says
+so before any image is read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 from dala_model.cli import UsageError
 from dala_model.data.breakhis import MAGNIFICATIONS
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # dala_model.serving.scorer.PRECISIONS
+EXPLAIN_METHODS = ("gradcam", "gradcam++")  # dala_model.serving.scoring.EXPLAIN_METHODS
+UNCERTAIN_BAND = 0.1  # dala_model.serving.scoring.DEFAULT_UNCERTAIN_BAND
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,6 +54,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--batch-size", type=int, default=None, help="default: measured on CPU (int8: 16)"
     )
     p.add_argument("--workers", type=int, default=None, help="read/decode threads")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="write a Grad-CAM overlay of each newly scored image called malignant or within "
+        "--uncertain-band of the threshold under OUT/explain/, named in heatmap_uri (needs the "
+        "explain extra; images scored by earlier runs are not re-explained)",
+    )
+    p.add_argument("--explain-method", choices=EXPLAIN_METHODS, default="gradcam")
+    p.add_argument(
+        "--uncertain-band",
+        type=float,
+        default=UNCERTAIN_BAND,
+        help=f"with --explain: also explain calls with |prob - threshold| <= B "
+        f"(default {UNCERTAIN_BAND})",
+    )
     p.set_defaults(func=predict)
 
 
@@ -57,6 +80,12 @@ def predict(args: argparse.Namespace) -> int:
         raise UsageError(f"--threshold must lie strictly between 0 and 1, got {args.threshold}")
     if args.batch_size is not None and args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0.0 <= args.uncertain_band < 1.0:
+        raise UsageError(f"--uncertain-band must lie in [0, 1), got {args.uncertain_band}")
+    if args.explain and importlib.util.find_spec("pytorch_grad_cam") is None:
+        raise UsageError(
+            "--explain needs the grad-cam package: pip install -c constraints.txt -e '.[explain]'"
+        )
     try:
         result = _score(args, score_source)
     except LookupError as error:  # no promoted model: say how to get one
@@ -80,6 +109,9 @@ def _score(args: argparse.Namespace, score_source):
         batch_size=args.batch_size,
         workers=args.workers,
         flow_run_id="cli",
+        explain=args.explain,
+        explain_method=args.explain_method,
+        uncertain_band=args.uncertain_band,
     )
 
 
@@ -103,6 +135,11 @@ def _print(result) -> None:
             f"{m.magnification}X: {m.scored} scored, {m.skipped} already scored, "
             f"{m.unscored} unscored, {m.quarantined} quarantined; " + model
         )
+        if m.explain is not None:
+            why = m.explain.get("not_explained")
+            print(
+                f"  heatmaps: {m.explained} written" + (f" (none possible: {why})" if why else "")
+            )
         if m.report is not None:
             metrics = (m.report["metrics"] or {}).get("image", {})
             print(
@@ -111,3 +148,5 @@ def _print(result) -> None:
             )
     print(f"image predictions: {result.images_uri}")
     print(f"case predictions:  {result.cases_uri}")
+    if any(m.explain is not None for m in result.magnifications):
+        print(f"heatmaps:          {result.heatmaps_uri}")

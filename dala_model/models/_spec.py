@@ -20,6 +20,11 @@ from torch import nn
 
 from dala_model.models.pretrained import WeightsSource, load_backbone
 
+# How a Grad-CAM layer's output becomes a (N, C, h, w) map (implemented in
+# dala_model.report.explain; the names are data here so a spec can be checked when it is made):
+# "vit_tokens": (N, 1 + h*w, C) tokens with a CLS token first -> drop it, lay the rest on the grid.
+CAM_RESHAPES = ("vit_tokens",)
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -33,10 +38,16 @@ class ModelSpec:
     (the paper's 224 for all); a model that accepts no other size says so in its note.
 
     ``cam_layer`` is the dotted module path (``model.get_submodule``) whose output Grad-CAM
-    explains: the last spatial feature map before pooling (``layer4`` for the ResNets). It is
-    None for the transformers (ViT, Swin, DINOv2), whose last maps are token sequences: without a
-    model-specific reshape a class activation map of them would not be honest, so
-    ``dala explain`` says "not supported" for them instead.
+    explains: the last spatial feature map before pooling (``layer4`` for the ResNets).
+    ``cam_reshape`` names how that output becomes a ``(N, C, h, w)`` map when it is not one
+    already (one of :data:`CAM_RESHAPES`; None: it is a map). The ViTs (``vit_paper``,
+    ``vit_b_16``, ``dinov2_vitb14``) are explained at their last block's first LayerNorm, whose
+    output is a token sequence ``(N, 1 + h*w, C)`` with the CLS token first: ``"vit_tokens"``
+    drops the CLS token and lays the patch tokens out on their grid, the reshape pytorch-grad-cam
+    documents for ViTs (the last block's *output* would not do: only its CLS token reaches the
+    head, so the patch tokens there have no gradient). ``cam_layer`` is None where no honest map
+    exists yet (Swin: windowed stages whose tokens the package's ViT reshape does not describe),
+    and ``dala explain`` says "not supported" instead.
     """
 
     name: str
@@ -50,6 +61,15 @@ class ModelSpec:
     note: str = ""
     unused: tuple[str, ...] = ()
     cam_layer: str | None = None
+    cam_reshape: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cam_reshape is not None and self.cam_reshape not in CAM_RESHAPES:
+            raise ValueError(
+                f"{self.name}: cam_reshape={self.cam_reshape!r} is not one of {CAM_RESHAPES}"
+            )
+        if self.cam_reshape is not None and self.cam_layer is None:
+            raise ValueError(f"{self.name}: cam_reshape is set but cam_layer is None")
 
     @property
     def options(self) -> dict[str, Any]:

@@ -137,6 +137,9 @@ VIT_B_16 = ModelSpec(
     preset="imagenet",
     weights=WeightsSource.torchvision(tvm.ViT_B_16_Weights.IMAGENET1K_V1),
     fresh=("heads.head",),
+    # encoder.layers[-1].ln_1: (N, 1 + 14*14, 768) tokens, CLS first (see ModelSpec).
+    cam_layer="encoder.layers.encoder_layer_11.ln_1",
+    cam_reshape="vit_tokens",
     note="the pretrainable ViT-B/16; the paper's count is that of vit_paper, a 6-layer ViT "
     "trained from scratch",
 )
@@ -159,6 +162,9 @@ DINOV2_VITB14 = ModelSpec(
     preset="imagenet",
     weights=WeightsSource.hf_hub("timm/vit_base_patch14_dinov2.lvd142m"),
     fresh=("head",),
+    # blocks[-1].norm1: (N, 1 + h*w, 768) tokens, CLS first and no register tokens.
+    cam_layer="blocks.11.norm1",
+    cam_reshape="vit_tokens",
     note="the paper's count includes the 768-value mask_token of Meta's reference "
     "implementation (used only in self-supervised pretraining); timm omits it",
 )

@@ -149,6 +149,9 @@ VIT_PAPER = ModelSpec(
     preset="paper",
     weights=None,
     fresh=("head",),
+    # The last block's first LayerNorm: (N, 1 + h*w, 1024) tokens, CLS first (see ModelSpec).
+    cam_layer="blocks.5.norm1",
+    cam_reshape="vit_tokens",
     note="the paper's ViT (6 layers, dim 1024, 16 heads, MLP 2048; vit-pytorch before 1.0), "
     "trained from scratch; other sizes than 224 resample its position grid",
 )

@@ -14,18 +14,35 @@
 Grad-CAM comes from the ``grad-cam`` package (jacobgil/pytorch-grad-cam, the ``explain`` extra):
 a maintained, widely used implementation of Grad-CAM, Grad-CAM++ and their relatives, rather than
 hooks written here. The map explains the class the model predicted for the image (``cam_class``).
-The layer it reads is data: ``ModelSpec.cam_layer`` beside each builder; the transformers have
-none (their last maps are token sequences) and are refused with a message saying so.
+The layer it reads is data: ``ModelSpec.cam_layer`` beside each builder, and ``cam_reshape``
+where that layer's output is not a ``(N, C, h, w)`` map. The ViTs are read at their last
+block's first LayerNorm with ``"vit_tokens"``: the CLS token dropped and the patch tokens laid
+out on their grid (rows x cols from the token count and the input's aspect ratio), the reshape
+pytorch-grad-cam documents for ViTs. Swin has no layer (its windowed stages are not what that
+reshape describes) and is refused with a message saying so.
+
+ViT maps are weaker evidence than CNN maps, measured (a one-off experiment, too slow for the
+suite): a 2-block PaperViT (dim 32, 4 px patches, 32 px images) trained to 100% accuracy on the
+noise images of tests/test_explain.py, whose positives carry a bright 8x8 patch, put a median
+4-6% of its Grad-CAM mass at ``blocks.1.norm1`` on the patch and its 2 px rim (14% of the
+image), where the tiny CNN there puts over 60%; weighting each channel by its gradient averaged
+over the tokens does not localise in that ViT (element-wise LayerCAM put 43% there). So ViT
+maps are produced, with the right shape and grid order (tested), and not claimed to localise.
+
 The channel weights are read by a forward hook on the attention module's gate, whose output is
 the per-channel scale the module multiplies ``layer4``'s map by.
 
 It lives in ``report`` (it reads a finished run and writes files the report shows, as the report
 does) and imports ``models`` and ``data``; nothing below imports it. ``report.gallery`` lays the
-overlays out per magnification.
+overlays out per magnification. ``serving.scoring`` (a sibling, not below) imports its Grad-CAM
+primitives (:func:`cam_target_of`, :func:`cam_maps`, :func:`overlay_png`) inside the
+``explain=True`` path only, so batch heatmaps and ``dala explain`` are one implementation; that
+import loads the ``report`` package (matplotlib), a cost paid only when heatmaps are asked for.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -74,6 +91,14 @@ class ExplanationNotSupported(ValueError):
 
 
 @dataclass(frozen=True)
+class CamTarget:
+    """Where Grad-CAM reads a model: a dotted module path and how its output becomes a map."""
+
+    layer: str
+    reshape: str | None = None  # a name of dala_model.models._spec.CAM_RESHAPES
+
+
+@dataclass(frozen=True)
 class Explained:
     """What ``explain_run`` wrote: the folder, its index and, for attention models, the channels."""
 
@@ -116,19 +141,57 @@ def stratified_sample(predictions: pd.DataFrame, n: int) -> pd.DataFrame:
     return table.loc[chosen].reset_index(drop=True)
 
 
+def cam_target_of(model_name: str) -> CamTarget:
+    """The registry's Grad-CAM layer and reshape for ``model_name``, or a clear refusal."""
+    from dala_model.models.registry import get_model_spec, list_models
+
+    spec = get_model_spec(model_name)
+    if spec.cam_layer is None:
+        supported = ", ".join(n for n in list_models() if get_model_spec(n).cam_layer is not None)
+        raise ExplanationNotSupported(
+            f"Grad-CAM is not supported for {model_name!r}: the registry names no layer whose "
+            "output is a spatial map or a ViT token grid for it (ModelSpec.cam_layer is None; "
+            f"a windowed transformer such as Swin needs its own reshape). Explain one of "
+            f"{supported} instead"
+        )
+    return CamTarget(spec.cam_layer, spec.cam_reshape)
+
+
 def cam_layer_of(model_name: str) -> str:
     """The registry's Grad-CAM layer for ``model_name``, or a clear refusal."""
-    from dala_model.models.registry import get_model_spec
+    return cam_target_of(model_name).layer
 
-    layer = get_model_spec(model_name).cam_layer
-    if layer is None:
+
+def vit_tokens(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(N, 1 + rows*cols, C)`` tokens, CLS first, as the ``(N, C, rows, cols)`` patch grid.
+
+    The grid comes from the token count and the input's ``height`` x ``width`` (its aspect ratio
+    fixes rows / cols), so any patch size and any input size the ViT accepts work."""
+    import math
+
+    if tokens.ndim != 3:
         raise ExplanationNotSupported(
-            f"Grad-CAM is not supported for {model_name!r}: it is a transformer, whose last "
-            "feature maps are token sequences, and the registry names no spatial layer for it "
-            "(ModelSpec.cam_layer is None). Explain a convolutional model (dalaresnet50, "
-            "resnet50, seresnet50, seresnet50_paper, densenet121, vgg16, vgginnet) instead"
+            f"the vit_tokens reshape takes (N, tokens, C) activations, got shape "
+            f"{tuple(tokens.shape)}: the spec's cam_layer is not a ViT token layer"
         )
-    return layer
+    batch, count, channels = tokens.shape
+    patches = count - 1
+    rows = max(1, round(math.sqrt(patches * height / width)))
+    cols = patches // rows
+    if rows * cols != patches or abs(rows / cols - height / width) > 0.5 * height / width:
+        raise ExplanationNotSupported(
+            f"{count} tokens are not a CLS token plus a patch grid of a {height}x{width} input"
+        )
+    grid = tokens[:, 1:, :].reshape(batch, rows, cols, channels)
+    return grid.permute(0, 3, 1, 2)
+
+
+def _reshape_transform(name: str | None, height: int, width: int):
+    if name is None:
+        return None
+    if name == "vit_tokens":
+        return functools.partial(vit_tokens, height=height, width=width)
+    raise ValueError(f"unknown cam_reshape {name!r}: dala_model.models._spec.CAM_RESHAPES")
 
 
 def grad_cam(
@@ -137,10 +200,13 @@ def grad_cam(
     x: torch.Tensor,
     classes: list[int] | None = None,
     method: str = "gradcam",
+    reshape: str | None = None,
 ) -> np.ndarray:
     """Class activation maps ``(N, H, W)`` in [0, 1] of ``x`` for ``classes`` (default: predicted).
 
-    ``layer`` is a dotted module path of ``model`` (``ModelSpec.cam_layer``)."""
+    ``layer`` is a dotted module path of ``model`` (``ModelSpec.cam_layer``) and ``reshape``
+    the spec's ``cam_reshape``. Gradients flow in the model's own dtype: give it a float32
+    model (not an int8 one, not under autocast)."""
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -148,8 +214,39 @@ def grad_cam(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     cam_type = GradCAM if method == "gradcam" else GradCAMPlusPlus
     targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
-    with cam_type(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+    transform = _reshape_transform(reshape, *x.shape[-2:])
+    with cam_type(
+        model=model, target_layers=[model.get_submodule(layer)], reshape_transform=transform
+    ) as cam:
         return np.asarray(cam(input_tensor=x, targets=targets), dtype=np.float32)
+
+
+def cam_maps(
+    model: nn.Module,
+    target: CamTarget,
+    pixels: np.ndarray,
+    preset: str,
+    classes: list[int],
+    method: str = "gradcam",
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Maps ``(N, H, W)`` of uint8 NHWC ``pixels`` for ``classes``, normalised with ``preset``
+    on the model's device, ``batch_size`` images at a time (each batch keeps its graph)."""
+    import torch
+
+    from dala_model.models.transforms import normalize_batch
+
+    device = next(model.parameters()).device
+    maps = []
+    try:
+        for start in range(0, len(pixels), batch_size):
+            batch = torch.from_numpy(np.array(pixels[start : start + batch_size]))  # writable
+            x = normalize_batch(batch.to(device), preset)
+            picked = classes[start : start + batch_size]
+            maps.append(grad_cam(model, target.layer, x, picked, method, target.reshape))
+    finally:  # the backward passes filled the parameters' .grad: a model that goes on scoring
+        model.zero_grad(set_to_none=True)  # should not carry a second copy of its weights
+    return np.concatenate(maps) if maps else np.zeros((0, *pixels.shape[1:3]), np.float32)
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, weight: float = 0.45) -> np.ndarray:
@@ -161,6 +258,11 @@ def overlay(image: np.ndarray, cam: np.ndarray, weight: float = 0.45) -> np.ndar
     )
 
 
+def overlay_png(image: np.ndarray, cam: np.ndarray) -> bytes:
+    """PNG bytes of :func:`overlay` (uint8 ``(H, W, 3)`` image, map in [0, 1] of the same size)."""
+    return _png(overlay(image, cam))
+
+
 def explain_run(
     root: str,
     run_id: str,
@@ -170,18 +272,15 @@ def explain_run(
     batch_size: int = 16,
 ) -> Explained:
     """Write overlays for ``images`` test images of the run, their index and channel weights."""
-    import torch
-
     from dala_model.device import resolve_device
     from dala_model.models.checkpoint import load_model
-    from dala_model.models.transforms import normalize_batch
 
     folder = run_folder(root, run_id)
     record = load_config(folder)
     if record is None:
         raise FileNotFoundError(f"{storage.redact(folder)} is not a run folder (no config.json)")
     config = record.config
-    layer = cam_layer_of(config["model"])
+    target = cam_target_of(config["model"])
     predictions = storage.read_parquet(storage.join(folder, "test_predictions.parquet"))
     torch_device = resolve_device(device)
     model = load_model(storage.join(folder, BEST), map_location=torch_device)
@@ -192,15 +291,13 @@ def explain_run(
     sample = stratified_sample(predictions, images)
     pixels = load_images(root, sample["image_id"].tolist(), size)
     files = []
-    for start in range(0, len(sample), batch_size):
-        chunk = pixels[start : start + batch_size]
-        x = normalize_batch(torch.from_numpy(chunk).to(torch_device), preset)
-        classes = sample["y_pred"].iloc[start : start + batch_size].astype(int).tolist()
-        for offset, cam in enumerate(grad_cam(model, layer, x, classes, method)):
-            row = sample.iloc[start + offset]
-            name = f"{start + offset:02d}-{row['category']}-{_safe(row['image_id'])}.png"
-            storage.write_bytes_atomic(storage.join(out, name), _png(overlay(chunk[offset], cam)))
-            files.append(name)
+    classes = sample["y_pred"].astype(int).tolist()
+    maps = cam_maps(model, target, pixels, preset, classes, method, batch_size)
+    for i, cam in enumerate(maps):
+        row = sample.iloc[i]
+        name = f"{i:02d}-{row['category']}-{_safe(row['image_id'])}.png"
+        storage.write_bytes_atomic(storage.join(out, name), overlay_png(pixels[i], cam))
+        files.append(name)
     index = sample.assign(
         rank=range(len(sample)), cam_class=sample["y_pred"].astype(int), method=method, file=files
     )[list(INDEX_COLUMNS)]

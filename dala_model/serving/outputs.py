@@ -8,6 +8,7 @@ Layout of a scoring root (``dala predict SOURCE --out OUT``; docs/SCORING.md mir
     OUT/predictions/images/model=<m>/version=<v>/mag=<x>/part-<key>.parquet   IMAGE_SCHEMA
     OUT/predictions/cases/model=<m>/cases.parquet                            CASE_SCHEMA
     OUT/predictions/reports/model=<m>/<flow_run_id>/<x>x.json   metrics of a labelled drop
+    OUT/explain/model=<m>/version=<v>/mag=<x>/<sha256>.<method>.png   heatmaps (explain=True)
 
 The partition folder is ``mag=``, not ``magnification=``: a Hive key with a column's name and
 another type (int32 inferred from the folder, int16 in the file) makes
@@ -16,6 +17,11 @@ not read the table with the most common reader.
 
 Readers get one row per ``(sha256, model_version)``: two runs racing over different pending
 sets may both store an image, and :func:`read_image_predictions` keeps the earliest row.
+
+Columns are only ever added, nullable, at the end (:data:`ADDED_COLUMNS`), so parts written
+before a column existed stay valid: :func:`read_image_predictions` fills it with nulls, and a
+``pyarrow.dataset`` reader gets the same by passing ``schema=IMAGE_SCHEMA`` (without it the
+dataset takes the schema of whichever file it opens first).
 """
 
 from __future__ import annotations
@@ -41,8 +47,13 @@ IMAGE_SCHEMA = pa.schema(
         pa.field("model_version", pa.string(), nullable=False),  # sha256 of the weights
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("flow_run_id", pa.string(), nullable=False),
+        # The Grad-CAM overlay of an image scoring explained (explain=True: a malignant call or
+        # one within the uncertain band of the threshold); null when not explained.
+        pa.field("heatmap_uri", pa.string(), nullable=True),
     ]
 )
+# Columns added after parts were first written, each nullable: older parts read back as null.
+ADDED_COLUMNS = ("heatmap_uri",)
 CASE_SCHEMA = pa.schema(
     [
         pa.field("case_id", pa.string(), nullable=False),
@@ -89,6 +100,18 @@ class ScoringLayout:
                     parts.append(f"mag={int(magnification)}")
         return self._join("predictions", "images", *parts)
 
+    def heatmap(
+        self, model: str, version: str, magnification: int, sha256: str, method: str
+    ) -> str:
+        """The overlay of one image content by one model version: the same key on every rerun."""
+        tag = method.replace("+", "p")  # gradcam++ -> gradcampp: no '+' in object keys
+        folder = storage.join(self.heatmaps(model), f"version={version}")
+        return storage.join(folder, f"mag={int(magnification)}", f"{sha256}.{tag}.png")
+
+    def heatmaps(self, model: str) -> str:
+        """The folder of ``model``'s heatmaps (``explain=True``)."""
+        return self._join("explain", f"model={model}")
+
     def cases(self, model: str) -> str:
         return self._join("predictions", "cases", f"model={model}", "cases.parquet")
 
@@ -110,7 +133,7 @@ def read_image_predictions(
 ) -> pd.DataFrame:
     """Image predictions under ``out`` (of ``model``, one ``version``), one row per (sha256, version)."""
     layout = ScoringLayout(out)
-    frames = [storage.read_parquet(u) for u in _parts(layout.images(model, version))]
+    frames = [_with_added(storage.read_parquet(u)) for u in _parts(layout.images(model, version))]
     if not frames:
         return IMAGE_SCHEMA.empty_table().to_pandas()
     table = pd.concat(frames, ignore_index=True)[IMAGE_SCHEMA.names]
@@ -119,6 +142,18 @@ def read_image_predictions(
             ["sha256", "model_version"], keep="first"
         )
     return table.reset_index(drop=True)
+
+
+def _with_added(frame: pd.DataFrame) -> pd.DataFrame:
+    """A part written before an :data:`ADDED_COLUMNS` column existed, with it as nulls.
+
+    The nulls come through pyarrow, so they have the dtype a part holding the column reads
+    back with (pandas' ``str`` with NaN for a string), and the parts concatenate as one."""
+    for name in ADDED_COLUMNS:
+        if name not in frame.columns:
+            nulls = pa.nulls(len(frame), IMAGE_SCHEMA.field(name).type).to_pandas()
+            frame[name] = nulls.set_axis(frame.index)
+    return frame
 
 
 def scored_hashes(out: str, model: str, version: str) -> set[str]:

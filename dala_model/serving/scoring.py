@@ -27,6 +27,32 @@ No row twice, by content (as ``dala_model.serving.predictions`` does for the tra
   write the same keys and the second overwrite replaces rows instead of adding them;
 - readers dedupe to one row per ``(sha256, model_version)``.
 
+Heatmaps (``explain=True``, the CLI's ``--explain``): for each scored chunk, the images called
+malignant (``pred_label == 1``) or uncertain (``|prob - threshold| <= uncertain_band``, default
+:data:`DEFAULT_UNCERTAIN_BAND`) get a Grad-CAM (or Grad-CAM++) overlay PNG at the model's input
+size, of the **malignant class** for every one of them (the question for a malignant call and
+for a borderline one alike is where the model sees malignancy), written atomically to
+``OUT/explain/model=<m>/version=<v>/mag=<x>/<sha256>.<method>.png`` before the part that points
+at it (``heatmap_uri``; null for the images not explained), so a retried chunk overwrites the
+same files and a row never names a missing one. The layer and the reshape are the registry's
+(``ModelSpec.cam_layer`` / ``cam_reshape``, through ``dala_model.report.explain``). Grad-CAM
+needs gradients in float32 from the float model: at ``fp32``/``bf16``/``fp16`` the scorer's own
+model is float32 (bf16/fp16 are autocast at scoring only) and the maps are computed with it in
+float32 on the scoring device, without autocast; at ``int8`` the float checkpoint is loaded on
+the CPU for the maps. A model the registry names no layer for (Swin), or a chunk whose maps
+fail, is logged and leaves ``heatmap_uri`` null: explanations never stop scoring. What was
+asked is recorded in each part's metadata (``dala.explain``: method, band, class, layer,
+reshape) and in :attr:`MagnificationScore.explain`.
+
+The per-chunk work (read, score, explain, write the part) is one function, :func:`_score_chunk`,
+taking plain arguments and returning what it wrote (:class:`ChunkResult`), so it can be run as a
+unit elsewhere (a Dask task, given the scorer and explainer loaded there).
+
+Explanations follow the incremental rule: rows are never rewritten, so a rerun that skips
+already-scored images keeps their ``heatmap_uri``, and a rerun with ``explain=True`` over
+images scored earlier **without** it does not explain them (their column stays null); to
+explain those, score into another OUT, or use ``dala explain`` on a training run.
+
 Case level (``OUT/predictions/cases/model=<m>/cases.parquet``, rebuilt from every image row on
 each run): a case's probability at a magnification is the **mean** of its images' malignant
 probabilities (each image's newest prediction), called malignant at ``>=`` the threshold, as
@@ -40,11 +66,13 @@ the mean of their thresholds, i.e. malignant when the per-magnification margins
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -63,11 +91,23 @@ from dala_model.serving.outputs import (
     scored_hashes,
 )
 from dala_model.serving.promotion import RegistryRecord, current_records
-from dala_model.serving.scorer import load_scorer, scoring_device
+from dala_model.serving.scorer import Scorer, load_scorer, scoring_device
+
+if TYPE_CHECKING:  # Grad-CAM loads when explain=True, not with scoring
+    from torch import nn
+
+    from dala_model.report.explain import CamTarget
 
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
+# explain=True also explains benign calls this close to the threshold: a tenth of the
+# probability scale, wide enough to catch the calls a reviewer would want to check and narrow
+# enough that a confident benign call is not explained.
+DEFAULT_UNCERTAIN_BAND = 0.1
+EXPLAIN_METHODS = ("gradcam", "gradcam++")  # dala_model.report.explain.METHODS
+EXPLAIN_CLASS = 1  # the malignant class: the map of every explained image
+EXPLAIN_BATCH = 16  # images per Grad-CAM pass (each pass keeps its graph for the backward)
 
 
 @dataclass
@@ -88,6 +128,8 @@ class MagnificationScore:
     report_uri: str | None = None
     precision: str | None = None  # what scored this run's rows (fp32, bf16, fp16, int8)
     tuning: dict | None = None  # the measured choice or the int8 model used (serving.scorer)
+    explained: int = 0  # heatmaps written this run (explain=True)
+    explain: dict | None = None  # method, band, class, layer; or why nothing was explained
 
 
 @dataclass
@@ -104,6 +146,7 @@ class ScoringResult:
     cases: list[dict]  # the case rows of this drop's cases
     images_uri: str
     cases_uri: str
+    heatmaps_uri: str  # the folder of heatmaps (written only with explain=True)
 
 
 def _same_root(a: str, b: str) -> bool:
@@ -124,14 +167,25 @@ def score_source(
     batch_size: int | None = None,
     chunk_size: int = 512,
     workers: int | None = None,
+    explain: bool = False,
+    explain_method: str = "gradcam",
+    uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
 ) -> ScoringResult:
     """Check, record and score every image of ``source`` under ``out`` (see the module docstring).
 
     ``magnification`` fills in images whose magnification cannot be known (it does not restrict
     scoring): each image is scored by the model of its own magnification. ``precision`` is
-    auto, fp32, bf16, fp16 (CUDA) or int8 (CPU); ``batch_size`` None lets the CPU measure it."""
+    auto, fp32, bf16, fp16 (CUDA) or int8 (CPU); ``batch_size`` None lets the CPU measure it.
+
+    ``explain=True`` writes a Grad-CAM overlay (``explain_method``: gradcam or gradcam++) for
+    each newly scored image called malignant or within ``uncertain_band`` of the threshold and
+    names it in ``heatmap_uri``; the maps are computed in float32 with the float model (at int8:
+    the float checkpoint, on the CPU). Images scored by an earlier run are not re-explained,
+    with or without explain then (rows are never rewritten). Needs the ``explain`` extra."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if explain:
+        _check_explain(explain_method, uncertain_band)
     scoring_device(device, precision)  # an impossible request fails before any work
     if _same_root(out, registry):
         raise ValueError(
@@ -161,7 +215,10 @@ def score_source(
             scores.append(score)
             continue
         run = {"device": device, "precision": precision, "batch_size": batch_size}
-        _score(layout, registry, record, rows, score, threshold, flow_run_id, run, chunk_size)
+        asked = {"method": explain_method, "band": uncertain_band} if explain else None
+        _score(
+            layout, registry, record, rows, score, threshold, flow_run_id, run, chunk_size, asked
+        )
         score.report, score.report_uri = evaluation.batch_report(
             registry,
             layout,
@@ -187,6 +244,7 @@ def score_source(
         cases=json.loads(drop_cases.to_json(orient="records", date_format="iso")),
         images_uri=layout.images(model),
         cases_uri=layout.cases(model),
+        heatmaps_uri=layout.heatmaps(model),
     )
 
 
@@ -200,6 +258,91 @@ def resolve_threshold(record: RegistryRecord, override: float | None) -> tuple[f
     return DEFAULT_THRESHOLD, "default"
 
 
+def _check_explain(method: str, band: float) -> None:
+    """Refuse an explain request that cannot work, before any image is read."""
+    if method not in EXPLAIN_METHODS:
+        raise ValueError(f"explain_method must be one of {EXPLAIN_METHODS}, got {method!r}")
+    if not 0.0 <= band < 1.0:
+        raise ValueError(f"uncertain_band must lie in [0, 1), got {band}")
+    if importlib.util.find_spec("pytorch_grad_cam") is None:
+        raise ModuleNotFoundError(
+            "explain=True needs the grad-cam package: pip install -c constraints.txt -e "
+            "'.[explain]' (or score without explain)"
+        )
+
+
+@dataclass
+class Explainer:
+    """What a chunk needs to write heatmaps: a float32 model, where to read it, where to write."""
+
+    model: nn.Module
+    target: CamTarget
+    method: str
+    band: float
+    preset: str
+    layout: ScoringLayout
+    model_name: str
+    version: str
+    magnification: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "band": self.band,
+            "class": EXPLAIN_CLASS,
+            "layer": self.target.layer,
+            "reshape": self.target.reshape,
+        }
+
+
+def _explainer(
+    layout: ScoringLayout,
+    record: RegistryRecord,
+    scorer: Scorer,
+    asked: dict,
+    magnification: int,
+    preset: str,
+) -> tuple[Explainer | None, dict]:
+    """The explainer of one magnification's model, or None and why (logged), never an error."""
+    import torch
+
+    from dala_model.models.checkpoint import load_model
+    from dala_model.report.explain import ExplanationNotSupported, cam_target_of
+
+    try:
+        target = cam_target_of(record.model)
+    except ExplanationNotSupported as exc:
+        log.warning("%dX: no heatmaps, heatmap_uri stays null: %s", magnification, exc)
+        return None, {**asked, "not_explained": str(exc)}
+    model = scorer.model
+    floats = {p.dtype for p in model.parameters()}
+    if scorer.precision == "int8" or floats != {torch.float32}:
+        # The int8 model has no float gradients: the maps come from the float weights, on the CPU.
+        model = load_model(record.checkpoint_uri, map_location="cpu").float()
+    explainer = Explainer(
+        model,
+        target,
+        asked["method"],
+        float(asked["band"]),
+        preset,
+        layout,
+        record.model,
+        record.model_version,
+        magnification,
+    )
+    return explainer, explainer.record()
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk wrote: its part (None when no image of it could be read), and counts."""
+
+    part: str | None
+    scored: int
+    unscored: int
+    explained: int
+
+
 def _score(
     layout: ScoringLayout,
     registry: str,
@@ -210,10 +353,12 @@ def _score(
     flow_run_id: str,
     run: dict,
     chunk_size: int,
+    explain: dict | None = None,
 ) -> None:
     """Score the images of ``rows`` that these weights have not scored yet, one part per chunk.
 
-    ``run`` holds the ``device``, ``precision`` and ``batch_size`` asked for."""
+    ``run`` holds the ``device``, ``precision`` and ``batch_size`` asked for; ``explain`` the
+    ``method`` and ``band`` of heatmaps to write, or None."""
     version = record.model_version
     score.model_version = version
     score.threshold, score.threshold_from = resolve_threshold(record, threshold)
@@ -234,37 +379,134 @@ def _score(
     scorer = load_scorer(registry, record, image_size=size, preset=preset, **run)
     score.precision, score.tuning = scorer.precision, scorer.tuning
     metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
+    explainer = None
+    if explain is not None:
+        explainer, score.explain = _explainer(
+            layout, record, scorer, explain, score.magnification, preset
+        )
+        metadata["dala.explain"] = json.dumps(score.explain, sort_keys=True)
     base = layout.images(record.model, version, score.magnification)
     for start in range(0, len(pending), chunk_size):
-        chunk = pending.iloc[start : start + chunk_size]
-        pixels, ok = _pixels(chunk, size)
-        chunk = chunk[ok]
-        score.unscored += int((~ok).sum())
-        if chunk.empty:
-            continue
-        prob = scorer.proba(pixels[ok])
-        frame = pd.DataFrame(
-            {
-                "image_id": chunk["image_id"].to_numpy(),
-                "sha256": chunk["sha256"].to_numpy(),
-                "uri": chunk["uri"].to_numpy(),
-                "case_id": chunk["case_id"].to_numpy(),
-                "magnification": score.magnification,
-                "prob_malignant": prob,
-                "pred_label": (prob >= score.threshold).astype(np.int8),
-                "threshold": score.threshold,
-                "model_name": record.model,
-                "model_version": version,
-                "scored_at": pd.Timestamp(datetime.now(UTC)),
-                "flow_run_id": flow_run_id,
-            }
+        result = _score_chunk(
+            pending.iloc[start : start + chunk_size],
+            scorer=scorer,
+            size=size,
+            model_name=record.model,
+            version=version,
+            magnification=score.magnification,
+            threshold=score.threshold,
+            flow_run_id=flow_run_id,
+            part_folder=base,
+            metadata=metadata,
+            explainer=explainer,
         )
-        key = hashlib.sha256("\n".join([version, *frame["sha256"]]).encode()).hexdigest()[:20]
-        uri = storage.join(base, f"part-{key}.parquet")
-        storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA, metadata=metadata)
-        score.parts.append(uri)
-        score.scored += len(frame)
-        log.info("scored %d images at %dX -> %s", len(frame), score.magnification, uri)
+        score.unscored += result.unscored
+        score.scored += result.scored
+        score.explained += result.explained
+        if result.part is not None:
+            score.parts.append(result.part)
+
+
+def _score_chunk(
+    chunk: pd.DataFrame,
+    *,
+    scorer: Scorer,
+    size: int,
+    model_name: str,
+    version: str,
+    magnification: int,
+    threshold: float,
+    flow_run_id: str,
+    part_folder: str,
+    metadata: dict[str, str],
+    explainer: Explainer | None = None,
+) -> ChunkResult:
+    """Read, score (and explain) one chunk of pending images and write its content-keyed part.
+
+    The unit of work of a scoring run: everything it needs comes in as arguments, and what it
+    wrote comes back, so it can run anywhere the scorer (and explainer) are loaded. Heatmaps are
+    written before the part that names them."""
+    pixels, ok = _pixels(chunk, size)
+    unscored = int((~ok).sum())
+    chunk, pixels = chunk[ok], pixels[ok]
+    if chunk.empty:
+        return ChunkResult(None, 0, unscored, 0)
+    prob = scorer.proba(pixels)
+    pred = (prob >= threshold).astype(np.int8)
+    heatmaps: list[str | None] = [None] * len(chunk)
+    if explainer is not None:
+        heatmaps = _explain_chunk(explainer, chunk["sha256"].tolist(), pixels, prob, threshold)
+    frame = pd.DataFrame(
+        {
+            "image_id": chunk["image_id"].to_numpy(),
+            "sha256": chunk["sha256"].to_numpy(),
+            "uri": chunk["uri"].to_numpy(),
+            "case_id": chunk["case_id"].to_numpy(),
+            "magnification": magnification,
+            "prob_malignant": prob,
+            "pred_label": pred,
+            "threshold": threshold,
+            "model_name": model_name,
+            "model_version": version,
+            "scored_at": pd.Timestamp(datetime.now(UTC)),
+            "flow_run_id": flow_run_id,
+            "heatmap_uri": pd.Series(heatmaps, dtype=object),
+        }
+    )
+    key = hashlib.sha256("\n".join([version, *frame["sha256"]]).encode()).hexdigest()[:20]
+    uri = storage.join(part_folder, f"part-{key}.parquet")
+    storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA, metadata=metadata)
+    explained = sum(h is not None for h in heatmaps)
+    log.info(
+        "scored %d images at %dX (%d heatmaps) -> %s", len(frame), magnification, explained, uri
+    )
+    return ChunkResult(uri, len(frame), unscored, explained)
+
+
+def _explain_chunk(
+    explainer: Explainer,
+    hashes: list[str],
+    pixels: np.ndarray,
+    prob: np.ndarray,
+    threshold: float,
+) -> list[str | None]:
+    """Write the overlays of the chunk's malignant and uncertain images; their uris, else None."""
+    from dala_model.report.explain import cam_maps, overlay_png
+
+    picked = np.flatnonzero((prob >= threshold) | (np.abs(prob - threshold) <= explainer.band))
+    out: list[str | None] = [None] * len(hashes)
+    if not len(picked):
+        return out
+    try:
+        maps = cam_maps(
+            explainer.model,
+            explainer.target,
+            pixels[picked],
+            explainer.preset,
+            [EXPLAIN_CLASS] * len(picked),
+            explainer.method,
+            EXPLAIN_BATCH,
+        )
+    except Exception as exc:  # noqa: BLE001 - a map that cannot be made never stops scoring
+        log.warning(
+            "%dX: %d images could not be explained, heatmap_uri stays null (%s: %s)",
+            explainer.magnification,
+            len(picked),
+            type(exc).__name__,
+            exc,
+        )
+        return out
+    for i, cam in zip(picked, maps, strict=True):
+        uri = explainer.layout.heatmap(
+            explainer.model_name,
+            explainer.version,
+            explainer.magnification,
+            hashes[i],
+            explainer.method,
+        )
+        storage.write_bytes_atomic(uri, overlay_png(pixels[i], cam))
+        out[i] = uri
+    return out
 
 
 def _pixels(chunk: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray]:
