@@ -40,6 +40,7 @@ from dala_model.paper import paper_name
 from dala_model.report.tables import fmt, mag_label, paper_metrics, table6_row
 from dala_model.serving import promotion
 from flows._common import IO_RETRIES, field_annotation
+from flows._dask import DaskAddress
 from flows._slots import SlotPlan, claim_slot, pin_process, plan_slots
 from flows.ingest import ingest_flow
 from flows.report import publish_report, report_task
@@ -213,6 +214,9 @@ def train_flow(
         str, Field(description="storage root URL (s3://bucket/prefix or a local path)")
     ],
     source: Annotated[str | None, Field(description="ingest this image source first")] = None,
+    dask_address: Annotated[
+        DaskAddress, Field(description="Dask scheduler (tcp://HOST:8786) to ingest source on")
+    ] = None,
     models: Annotated[list[str], Field(min_length=1)] = ["dalaresnet50"],  # noqa: B006 - Prefect copies defaults
     magnifications: Annotated[list[int], Field(min_length=1)] = [40, 100, 200, 400],  # noqa: B006
     protocol: Annotated[
@@ -268,7 +272,7 @@ def train_flow(
     check_batch_size(batch_size, World(size=gpus_per_training))
     plan_slots(1, max_parallel, gpus_per_training)  # more GPUs than the node has: refused now
     if source is not None:
-        ingest_flow(source=source, root=root, cache_size=image_size)
+        ingest_flow(source=source, root=root, cache_size=image_size, dask_address=dask_address)
     ensure_split(root, scheme, seed)
     ensure_cache(root, image_size)
     configs = [

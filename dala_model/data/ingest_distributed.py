@@ -1,20 +1,38 @@
-"""Ingest of a big bucket spread over any executor (a Dask client, a process pool).
+"""Ingest of a big bucket spread over a cluster: plan the partitions, stage each, commit once.
 
-Ingest of a big bucket spreads over a cluster through any ``concurrent.futures.Executor`` (a Dask
-``Client.get_executor()``, a process pool): ``ingest_distributed`` runs the ordinary
-``dala_model.data.ingest.ingest`` on each folder of the source in parallel, into a staging area under
-the root, so the expensive per-file work (read, hash, verify, decode, resize) happens on the
-workers with ingest's own rules. Then one ordinary ingest of the whole source finds every staged
-row unchanged and reuses it, re-reading only what the folders rejected, so the manifest,
-quarantine and duplicate lists are by construction what the default path writes; it is published
-in ingest's commit order (cache, quarantine, duplicates, manifest last), each write atomic.
+The expensive per-file work of ingest (read, hash, verify, decode, resize) spreads over a cluster
+in three library steps, so any scheduler can drive them: a ``concurrent.futures.Executor``
+(``ingest_distributed``: a Dask ``Client.get_executor()``, a process pool) or one Prefect task
+per partition on a Dask cluster (``flows/ingest.py`` with ``dask_address``; this package never
+imports Prefect):
+
+1. ``plan_ingest`` (where the flow runs): the source's image folders, none inside another (for
+   BreakHis one per patient and magnification, 328 similar-sized tasks), and a fresh staging
+   folder ``ROOT/staging/ingest-<id>/``.
+2. ``stage_partition`` (on a worker, any number of times): the ordinary
+   ``dala_model.data.ingest.ingest`` of one folder into a staging root of its own, with ingest's
+   own rules. Each call writes into a new attempt folder and returns it, so a partition rerun
+   after a lost worker, or run twice at once by a scheduler that presumed a worker dead, never
+   shares a folder with another attempt: the commit reads only the attempt whose result came
+   back, one per partition, and what a lost attempt left is removed with the staging folder.
+   Cache shards are named by the hash of their bytes, so a rerun's shards are the same files.
+3. ``commit_ingest`` (where the flow runs, the single writer): the staged rows become the
+   previous manifest of one ordinary ingest of the whole source, which reuses every staged row
+   (rows are keyed by uri there, so none can be counted twice) and re-reads only what the folders
+   rejected. The manifest, quarantine and duplicate lists are therefore by construction what the
+   default path writes, and they are published in ingest's commit order (cache, quarantine,
+   duplicates, manifest last), each write atomic: a commit killed at any point leaves the
+   previous manifest.
+
+``discard_staging`` removes the staging folder; callers run it whatever happened.
 """
 
 from __future__ import annotations
 
-import os
+import dataclasses
 import posixpath
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Executor
 
 import pandas as pd
@@ -22,7 +40,7 @@ import pandas as pd
 from dala_model import storage
 from dala_model.data import cache
 from dala_model.data.breakhis import IMAGE_SUFFIXES
-from dala_model.data.ingest import IngestResult, ingest
+from dala_model.data.ingest import IngestResult, canonical_source, ingest
 from dala_model.data.manifest import (
     MANIFEST_SCHEMA,
     SCHEMA_VERSION,
@@ -30,6 +48,21 @@ from dala_model.data.manifest import (
     manifest_uri,
     quarantine_uri,
 )
+from dala_model.layout import RootLayout
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestPlan:
+    """What every step of one distributed ingest needs: small, picklable, sent to each worker."""
+
+    source: str  # canonical: URLs as given, local paths absolute (workers share the file system)
+    root: str
+    staging: str  # ROOT/staging/ingest-<id>
+    folders: tuple[str, ...]  # relative to source; "" is the whole source
+    cache_size: int | None
+
+    def __len__(self) -> int:
+        return len(self.folders)
 
 
 def ingest_partitions(source: str) -> list[str]:
@@ -56,10 +89,62 @@ def ingest_partitions(source: str) -> list[str]:
     return kept
 
 
-def stage_partition(source: str, folder: str, staging: str, cache_size: int | None) -> str:
-    """Ingest one folder of ``source`` into its own staging root (runs on a cluster worker)."""
-    ingest(storage.join(source, folder) if folder else source, staging, cache_size=cache_size)
-    return staging
+def plan_ingest(source: str, root: str, cache_size: int | None = 224) -> IngestPlan:
+    """List ``source``'s partitions and prove ``root`` writable, before any worker starts."""
+    if cache_size is not None and cache_size < 0:
+        raise ValueError(f"cache_size must be >= 0 (0 skips the cache), got {cache_size}")
+    source = canonical_source(source)
+    folders = ingest_partitions(source)
+    storage.check_writable(root)
+    staging = RootLayout(root).staging(f"ingest-{uuid.uuid4().hex[:12]}")
+    return IngestPlan(source, root, staging, tuple(folders), cache_size)
+
+
+def stage_partition(plan: IngestPlan, index: int) -> str:
+    """Ingest partition ``index`` of ``plan`` into a new attempt folder; return that folder.
+
+    Runs on a cluster worker; safe to run again, or twice at once (see the module docstring)."""
+    if not 0 <= index < len(plan.folders):
+        raise IndexError(f"partition {index} of a plan with {len(plan.folders)} partitions")
+    folder = plan.folders[index]
+    attempt = storage.join(plan.staging, "parts", str(index), uuid.uuid4().hex[:12])
+    ingest(
+        storage.join(plan.source, folder) if folder else plan.source,
+        attempt,
+        cache_size=plan.cache_size,
+    )
+    return attempt
+
+
+def commit_ingest(plan: IngestPlan, staged: Sequence[str]) -> IngestResult:
+    """Merge the staged partitions (``staged[k]`` from ``stage_partition(plan, k)``) into ``root``.
+
+    The single writer of ``root``'s manifests and cache index; run it once, after every partition
+    returned. Running it again after a failure is safe (shards already moved are skipped)."""
+    if len(staged) != len(plan.folders):
+        raise ValueError(
+            f"commit_ingest needs one staged folder per partition: got {len(staged)} for "
+            f"{len(plan.folders)} partitions"
+        )
+    prefix = storage.join(plan.staging, "parts")
+    for k, part in enumerate(staged):
+        if not part.startswith(storage.join(prefix, str(k)) + "/"):
+            raise ValueError(
+                f"staged[{k}] = {storage.redact(part)} is not an attempt of partition {k} of "
+                f"{storage.redact(plan.staging)}: pass stage_partition(plan, {k})'s result"
+            )
+    final = storage.join(plan.staging, "final")
+    _seed_from_parts(plan.source, plan.folders, staged, final, plan.root, plan.cache_size)
+    result = ingest(plan.source, final, cache_size=plan.cache_size)
+    _publish(final, plan.root, plan.cache_size)
+    return dataclasses.replace(result, root=storage.redact(plan.root))
+
+
+def discard_staging(plan: IngestPlan) -> None:
+    """Remove ``plan``'s staging folder (every attempt's output); nothing if it is already gone."""
+    fs, path = storage.filesystem(plan.staging)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
 
 
 def ingest_distributed(
@@ -72,36 +157,18 @@ def ingest_distributed(
     Each call reads every source file on the workers: for a re-ingest of a mostly unchanged
     source, the default ``ingest`` (which reuses unchanged rows) is cheaper.
     """
-    source = source if "://" in source else os.path.abspath(source)
-    storage.check_writable(root)
-    folders = ingest_partitions(source)
-    staging = storage.join(root, "staging", f"ingest-{uuid.uuid4().hex[:12]}")
-    parts = [storage.join(staging, "parts", str(k)) for k in range(len(folders))]
-    final = storage.join(staging, "final")
+    plan = plan_ingest(source, root, cache_size)
     try:
-        list(
-            executor.map(
-                stage_partition,
-                [source] * len(folders),
-                folders,
-                parts,
-                [cache_size] * len(folders),
-            )
-        )
-        _seed_from_parts(source, folders, parts, final, root, cache_size)
-        result = ingest(source, final, cache_size=cache_size)
-        _publish(final, root, cache_size)
+        staged = list(executor.map(stage_partition, [plan] * len(plan), range(len(plan))))
+        return commit_ingest(plan, staged)
     finally:
-        fs, path = storage.filesystem(staging)
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    return result
+        discard_staging(plan)
 
 
 def _seed_from_parts(
     source: str,
-    folders: list[str],
-    parts: list[str],
+    folders: Sequence[str],
+    parts: Sequence[str],
     final: str,
     root: str,
     cache_size: int | None,
@@ -133,7 +200,7 @@ def _seed_from_parts(
         indexes.append(index)
     storage.write_parquet_atomic(
         pd.concat(indexes, ignore_index=True).drop_duplicates("image_id"),
-        storage.join(cache.cache_uri(final, cache_size), "index.parquet"),
+        RootLayout(final).cache_index(cache_size),
         schema=cache.INDEX_SCHEMA,
     )
 
@@ -148,7 +215,7 @@ def _publish(final: str, root: str, cache_size: int | None) -> None:
         ).drop_duplicates("image_id")
         storage.write_parquet_atomic(
             merged,
-            storage.join(cache.cache_uri(root, cache_size), "index.parquet"),
+            RootLayout(root).cache_index(cache_size),
             schema=cache.INDEX_SCHEMA,
         )
     for uri in (quarantine_uri, duplicates_uri, manifest_uri):
