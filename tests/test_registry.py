@@ -129,6 +129,7 @@ def test_cli_promotes_best_pins_and_shows_current(tmp_path, trained, capsys):
     assert dala(["models", "current", root]) == 0
     out = capsys.readouterr().out
     assert worse_id in out and "40X" in out and trained["data_version"] in out
+    assert "model card (dala-model-card/1): Research use; not for diagnosis" in out
     assert dala(["promote", root, "--model", "dalaresnet50", "--magnification", "200"]) == 2
     assert "no complete dalaresnet50 run at 200X" in capsys.readouterr().err
     pin_elsewhere = ["--model", "dalaresnet50", "--magnification", "100", "--run", worse_id]

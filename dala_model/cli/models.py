@@ -11,9 +11,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=models)
     sub = p.add_subparsers(dest="models_command", metavar="{current}")
-    c = sub.add_parser("current", help="show the served model of every (model, magnification)")
+    c = sub.add_parser(
+        "current", help="show the served model of every (model, magnification) and its model card"
+    )
     c.add_argument("root", help="storage root URL")
-    c.add_argument("--json", action="store_true", help="print the full registry records as JSON")
+    c.add_argument(
+        "--json",
+        action="store_true",
+        help="print the full registry records as JSON, each with its raw model card block "
+        "(model_card; null when the checkpoint has none)",
+    )
     c.set_defaults(func=current)
 
 

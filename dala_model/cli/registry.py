@@ -1,11 +1,18 @@
-"""`dala promote` pins the model that batch inference serves; `dala models current` shows it."""
+"""`dala promote` pins the model that batch inference serves; `dala models current` shows it.
+
+``dala models current`` prints, under each served (model, magnification), its model card
+(``dala_model.modelcard``: intended use, input/output spec, training data, test metrics with
+intervals, threshold, limitations); ``--json`` gives the registry records with the raw card block
+under ``model_card``. A checkpoint saved before cards shows "not recorded"; one that cannot be
+read any more (its run folder removed) shows why, and the other records still print.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from dala_model import runs, storage
+from dala_model import modelcard, runs, storage
 from dala_model.cli import UsageError
 from dala_model.data.breakhis import check_magnifications
 from dala_model.serving import promotion
@@ -60,15 +67,22 @@ def promote(args: argparse.Namespace) -> int:
 
 def current(args: argparse.Namespace) -> int:
     if args.json:
-        records = [r.model_dump() for r in promotion.current_records(args.root)]
-        print(json.dumps(records, indent=2, default=float))
+        out = []
+        for record in promotion.current_records(args.root):
+            card, error = _card(record)
+            entry = {**record.model_dump(), "model_card": modelcard.card_json(card)}
+            if error:
+                entry["model_card_error"] = error
+            out.append(entry)
+        print(json.dumps(out, indent=2, default=float))
         return 0
     print_current(args.root)
     return 0
 
 
 def print_current(root: str) -> None:
-    """One line per served (model, magnification): version, run, validation score, data/code version."""
+    """One line per served (model, magnification): version, run, validation score, data/code
+    version; then each one's model card summary."""
     records = promotion.current_records(root)
     if not records:
         print(
@@ -82,6 +96,22 @@ def print_current(root: str) -> None:
             f"{r.model:<16} {str(r.magnification) + 'X':>5}  {r.model_version[:12]:<12}  {r.run_id:<36} "
             f"{r.monitor:<13} {r.score:>6.3f}  {r.data_version:<16} {r.code_version:<24} {r.promoted_at}"
         )
+    for r in records:
+        card, error = _card(r)
+        print(f"\n{r.model} {r.magnification}X ({r.model_version[:12]})")
+        if error:
+            print(f"model card: unreadable: {error}")
+            continue
+        for line in modelcard.summary_lines(card):
+            print(line)
+
+
+def _card(record: promotion.RegistryRecord) -> tuple[modelcard.ModelCard | None, str | None]:
+    """The served checkpoint's card (None: not recorded), or the reason it cannot be read."""
+    try:
+        return modelcard.read_card(record.checkpoint_uri), None
+    except (ValueError, FileNotFoundError, storage.StorageError) as exc:
+        return None, str(exc)
 
 
 def _best_run(root: str, model: str, magnification: int) -> str:

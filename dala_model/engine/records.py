@@ -3,7 +3,9 @@
 ``config.json`` (written before the first epoch: the config as asked, data and code versions, the
 split's identity and the config hash), ``run.json`` (written last: the best model's test
 evaluation at 0.5 and at the threshold chosen on validation, calibration, per-subtype recall, the
-measured precision and layout), and the refusals: a folder started with another config, or on
+measured precision and layout), the best model's card (the threshold and the ``metadata`` block of
+``dala_model.modelcard``, put into ``best/config.json`` in one atomic rewrite once the test
+metrics are known, so the card always describes the weights beside it), and the refusals: a folder started with another config, or on
 another split (its content hash), is never resumed or counted as done. The training loop
 (``engine.train``) calls these; the run folder's file names are ``dala_model.runs.RunPaths``.
 """
@@ -11,13 +13,14 @@ another split (its content hash), is never resumed or counted as done. The train
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
 import torch
 from torch import nn
 
-from dala_model import runs, storage
+from dala_model import modelcard, runs, storage
 from dala_model.calibration import calibration_summary, choose_threshold
 from dala_model.data.dataset import SplitImages
 from dala_model.data.splits import split_identity
@@ -48,7 +51,8 @@ def check_same_split(recorded: dict | None, current: dict, paths: runs.RunPaths)
 def check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
     # How a run executes, not what it computes: a memory layout (measured or fixed) gives the same
     # numbers, so folders from before layouts were measured (channels_last=True) stay the same run.
-    ignore = {"resume", "device", "workers", "channels_last"}
+    # Where the run is mirrored (tracking_uri, recorded redacted) is not what it computes either.
+    ignore = {"resume", "device", "workers", "channels_last", "tracking_uri"}
     ours = config.model_dump(mode="json")
     changed = sorted(k for k in ours if k not in ignore and recorded.get(k) != ours[k])
     if changed:
@@ -57,6 +61,14 @@ def check_same_run(recorded: dict, config: TrainConfig, folder: str) -> None:
             f"({', '.join(changed)} differ); "
             "choose another run_id or seed"
         )
+
+
+def recorded_config(config: TrainConfig) -> dict:
+    """The config as ``config.json`` and ``run.json`` record it: the tracking URI redacted."""
+    data = config.model_dump(mode="json")
+    if data.get("tracking_uri"):
+        data["tracking_uri"] = storage.redact(data["tracking_uri"])
+    return data
 
 
 def tuning(config: TrainConfig, device: torch.device, job: distributed.World) -> autotune.Choice:
@@ -96,7 +108,7 @@ def record_config(
 ) -> None:
     """Write ``config.json``: what the run is, on which data, code and machine."""
     recorded = {
-        "config": config.model_dump(mode="json"),
+        "config": recorded_config(config),
         "run_id": config.resolved_run_id,
         "data_version": data_version,
         "code_version": code_version(),
@@ -111,7 +123,12 @@ def record_config(
 
 
 def summarise(run, state: dict) -> dict:
-    """Write the best model's test predictions; return the run's summary (``run.json``)."""
+    """Write the best model's test predictions and card; return the run's summary (``run.json``).
+
+    The card (threshold and model card) is written after the test evaluation it records, in one
+    rewrite of ``best/config.json``; ``run.json``, which the caller writes next, stays the last
+    file of a run, so a crash before it leaves a run that is not complete and is retrained.
+    """
     config, ctx, paths = run.config, run.epoch, run.paths
     best = load_model(paths.best, map_location=ctx.device)
     if ctx.config.channels_last:
@@ -124,10 +141,9 @@ def summarise(run, state: dict) -> dict:
         y_true=test.labels, prob_malignant=prob, y_pred=(prob >= 0.5).astype(np.int64)
     )
     storage.write_parquet_atomic(predictions, paths.test_predictions)
-    store_threshold(paths.best, chosen)
     patients = test.frame["patient_id"].to_numpy()
     split = split_identity(config.root, config.scheme)
-    return {
+    summary = {
         "status": "complete",
         "run_id": config.resolved_run_id,
         "model": config.model,
@@ -154,10 +170,20 @@ def summarise(run, state: dict) -> dict:
         "config_hash": config_hash(config, split["group_by"]),
         "data_version": json.loads(storage.read_bytes(paths.config))["data_version"],
         "code_version": code_version(),
-        "config": config.model_dump(mode="json"),
+        "config": recorded_config(config),
         "processes": distributed.world().size,
         "finished_at": now(),
     }
+    counts = modelcard.split_counts({name: images.frame for name, images in run.data.items()})
+    manifest = modelcard.manifest_facts(config.root)
+    store_threshold(
+        paths.best,
+        chosen,
+        metadata=lambda checkpoint: modelcard.card_json(
+            modelcard.build_card(checkpoint, summary, counts, manifest)
+        ),
+    )
+    return summary
 
 
 def probabilities(config: TrainConfig, model: nn.Module, split: SplitImages, ctx) -> np.ndarray:
@@ -166,14 +192,22 @@ def probabilities(config: TrainConfig, model: nn.Module, split: SplitImages, ctx
     return torch.softmax(logits, dim=1)[:, 1].numpy()
 
 
-def store_threshold(best: str, chosen: dict) -> None:
-    """Put the validation-chosen threshold on the best model's card, where serving reads it."""
+def store_threshold(
+    best: str, chosen: dict, metadata: Callable[[dict], dict | None] | None = None
+) -> None:
+    """Put the validation-chosen threshold on the best model's card, where serving reads it.
+
+    ``metadata(config)`` builds the model card block from the checkpoint's config as read here
+    (its weights hash, input size and preset); it lands in the same atomic write.
+    """
     uri = storage.join(best, "config.json")
-    card = json.loads(storage.read_bytes(uri))
-    card.setdefault("card", {})
-    card["card"]["threshold"] = chosen["threshold"]
-    card["card"]["threshold_choice"] = chosen
-    storage.write_bytes_atomic(uri, json.dumps(card, indent=2, sort_keys=True).encode())
+    config = json.loads(storage.read_bytes(uri))
+    config.setdefault("card", {})
+    config["card"]["threshold"] = chosen["threshold"]
+    config["card"]["threshold_choice"] = chosen
+    if metadata is not None:
+        config[modelcard.METADATA_KEY] = metadata(config)
+    storage.write_bytes_atomic(uri, json.dumps(config, indent=2, sort_keys=True).encode())
 
 
 def dumps(obj: dict) -> bytes:

@@ -3,6 +3,9 @@
 The config says everything needed to use the weights without reading code: which registry model
 and options rebuild the network, the class names, the normalisation preset, the input size, the
 parameter count, the torch version, and a free-form ``card`` (metrics, data version, seed...).
+A finished run adds ``metadata``, the typed model card (``dala_model.modelcard``: intended use,
+input/output spec, training data, test metrics with intervals, threshold, limitations); configs
+saved before it have no such key and load as before (the card reads "not recorded").
 
 Loading trusts nothing: the config must be ours, the weights must hash to what the config
 recorded (which also catches a weights file and config from two different saves), must parse as
@@ -28,6 +31,7 @@ from torch import nn
 import dala_model
 from dala_model import storage
 from dala_model.data.breakhis import LABELS
+from dala_model.modelcard import METADATA_KEY
 from dala_model.models.registry import build_model, get_model_spec
 from dala_model.models.transforms import get_preset
 
@@ -54,11 +58,14 @@ def save_model(
     preset: str,
     image_size: int | None = None,
     card: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
     """Write the weights, then ``uri/config.json`` naming them, each atomically; return ``uri``.
 
     The config is written last and records the weights' file name and SHA-256, so a reader never
-    accepts a weights file that does not belong to the config beside it.
+    accepts a weights file that does not belong to the config beside it. ``metadata`` is the
+    model card block (``dala_model.modelcard.ModelCard``, dumped to JSON); the training engine
+    adds it when the run finishes, since only then are the test metrics known.
     """
     model = _unwrap(model)
     build = getattr(model, "dala_build", None)
@@ -97,10 +104,14 @@ def save_model(
         "dala_version": dala_model.__version__,
         "card": card or {},
     }
+    if metadata is not None:
+        config[METADATA_KEY] = metadata
     try:
         config_bytes = json.dumps(config, indent=2, sort_keys=True, default=_json_scalar).encode()
     except TypeError as exc:
-        raise ValueError(f"save_model: card must be JSON-serialisable: {exc}") from None
+        raise ValueError(
+            f"save_model: card and metadata must be JSON-serialisable: {exc}"
+        ) from None
     storage.write_bytes_atomic(storage.join(uri, weights_file), weights)
     storage.write_bytes_atomic(storage.join(uri, CONFIG_FILE), config_bytes)
     for stale in storage.list_files(uri, suffixes=(WEIGHTS_SUFFIX,)):
