@@ -59,6 +59,10 @@ class TrainConfig(BaseModel):
     workers: int | None = Field(default=None, ge=0, description="loader workers (PNG path)")
     resume: bool = False
     run_id: str | None = None
+    # Where to mirror the run (dala_model.tracking); None: $MLFLOW_TRACKING_URI, else no mirror.
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking server to mirror the run into (optional)"
+    )
 
     @field_validator("magnification")
     @classmethod
@@ -123,6 +127,7 @@ NOT_THE_EXPERIMENT = frozenset(
         "compile",
         "use_cache",
         "workers",
+        "tracking_uri",
     }
 )
 

@@ -4,7 +4,9 @@
 makes, without its callback framework: prepare the run folder (refuse a conflicting run, record
 the config), set up the model and what an epoch needs, resume from the checkpoint, then per epoch
 train and validate (``epoch``), keep the best model and checkpoint (``checkpointing``), and
-finally evaluate the best model on the test split and write ``run.json``.
+finally evaluate the best model on the test split and write ``run.json``. With a tracking URI,
+rank 0 mirrors the run into MLflow at those same steps (``dala_model.tracking.training``);
+the mirror is guarded and never fails a training.
 
 Speed comes from the data path (see ``epoch``); resumability from deriving every random choice of
 an epoch from ``(seed, epoch)`` (see ``sampling``) and checkpointing the rest (weights, optimiser,
@@ -45,6 +47,7 @@ from dala_model.metrics import monitor_score
 from dala_model.models.checkpoint import save_model
 from dala_model.models.registry import build_model
 from dala_model.models.transforms import BatchAugment
+from dala_model.tracking import training as tracking
 
 # NonFiniteLoss is raised by an epoch (``epoch``) but is part of ``train``'s contract.
 __all__ = ["NonFiniteLoss", "ProgressCallback", "RunConflict", "TrainResult", "completed_result",
@@ -78,6 +81,7 @@ class _Run:
     model: nn.Module  # the plain model: validated, saved and checkpointed
     epoch: EpochContext  # what a training epoch needs, ``epoch.model`` being the stepped wrapper
     tuning: autotune.Choice  # the precision and memory format this machine runs (epoch.config)
+    tracker: tracking.RunTracker  # the MLflow mirror (a no-op without a tracking URI, off rank 0)
 
     @property
     def job(self) -> distributed.World:
@@ -114,9 +118,10 @@ def _train(
         return _result(summary, paths, status="skipped")
     recorded, data_version = _prepare(config, paths, job)
     run = _setup(config, paths, data_version, job, record_config=recorded is None)
-    state = _resume(run)
-    _fit(run, state, progress)
-    return _finish(run, state)
+    with run.tracker.until_done():  # a training that raises ends its MLflow run as FAILED
+        state = _resume(run)
+        _fit(run, state, progress)
+        return _finish(run, state)
 
 
 def _prepare(
@@ -201,7 +206,9 @@ def _setup(
         dtype=dtype,
         job=job,
     )
-    return _Run(requested, paths, data_version, data, model, epoch, choice)
+    # Last, once nothing in the setup can fail: the MLflow run starts with the config's params.
+    tracker = tracking.start(requested, paths, data_version, main=job.is_main)
+    return _Run(requested, paths, data_version, data, model, epoch, choice, tracker)
 
 
 def _resume(run: _Run) -> dict:
@@ -301,6 +308,7 @@ def _end_epoch(
         record["images_per_s"],
         record["epoch_seconds"],
     )
+    run.tracker.epoch(record)
     if progress is not None:
         progress({**record, "epochs": config.epochs, "run_id": config.resolved_run_id})
 
@@ -314,6 +322,7 @@ def _finish(run: _Run, state: dict) -> TrainResult:
         return _result(summary, run.paths, status="complete")
     summary = records.summarise(run, state)
     storage.write_bytes_atomic(run.paths.summary, records.dumps(summary))
+    run.tracker.finish(summary, example=run.data["test"].images[:1])  # guarded: never raises
     result = _result(summary, run.paths, status="complete")
     distributed.barrier(job)
     return result

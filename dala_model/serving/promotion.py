@@ -22,11 +22,18 @@ Both files hold one :class:`RegistryRecord` (with a ``schema_version``; pointers
 existed load as version 1): batch inference and ``dala models current`` read the typed record,
 so a pointer with an unknown or missing key fails naming the file. :func:`current`,
 :func:`list_current` and :func:`promotions` still return the raw dicts for older callers.
+
+MLflow, when tracking is configured, mirrors this registry: each committed promotion registers
+the version under ``<model>-<magnification>x`` with the alias ``champion``, and
+:func:`current_records` also reads ``models:/<model>@champion`` (``dala_model.tracking.registry``).
+This registry stays the source of truth: the mirror runs after the pointer is committed and
+never fails a promotion.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +42,8 @@ from dala_model import runs, storage
 from dala_model.layout import CURRENT, RootLayout
 from dala_model.metrics import MONITORS, monitor_score
 from dala_model.runs import Record, RunMetrics, RunSummary, VersionedRecord
+
+log = logging.getLogger(__name__)
 
 
 class Candidate(Record):
@@ -93,7 +102,15 @@ def current_record(root: str, model: str, magnification: int) -> RegistryRecord 
 
 
 def current_records(root: str) -> list[RegistryRecord]:
-    """Every serving record under ``root``, sorted by model then magnification."""
+    """Every serving record under ``root``, sorted by model then magnification.
+
+    ``root`` may also be an MLflow ``models:/<model>@champion`` URI (or one registered model's,
+    ``models:/<model>-<M>x@champion``): the records then come from MLflow's registry, each
+    checkpoint downloaded to a local cache (``dala_model.tracking.registry.resolve``)."""
+    if root.startswith("models:/"):
+        from dala_model.tracking.registry import resolve
+
+        return resolve(root)
     records = [RegistryRecord.load(uri) for uri in _pointers(root)]
     return sorted(records, key=lambda r: (r.model, r.magnification))
 
@@ -182,17 +199,31 @@ def candidate_record(run_uri: str) -> Candidate:
     )
 
 
-def promote(root: str, run_uri: str, *, force: bool = False, reason: str = "") -> Promotion:
+def promote(
+    root: str,
+    run_uri: str,
+    *,
+    force: bool = False,
+    reason: str = "",
+    tracking_uri: str | None = None,
+) -> Promotion:
     """Make the run's best checkpoint current when none is, when it beats the current one, or when forced.
 
     "Beats" compares the candidate's validation metric named by its own ``monitor`` with the
     current record's value of the same metric; ties keep the current model, so re-promoting the
     same run is a no-op. ``force`` pins the candidate regardless (an operator's explicit choice).
+
+    With MLflow tracking configured (``tracking_uri``, else ``$MLFLOW_TRACKING_URI``) the
+    committed record is then mirrored into MLflow's registry (``dala_model.tracking.registry``):
+    guarded, so MLflow failing never fails a promotion. A no-op re-promotion of the current
+    model mirrors it again, which is how a mirror missed while MLflow was down catches up.
     """
     candidate = candidate_record(run_uri)
     previous = current_record(root, candidate.model, candidate.magnification)
     decision = _decide(candidate, previous, force)
     if decision is None:
+        if previous is not None and previous.model_version == candidate.model_version:
+            _mirror(previous, tracking_uri)
         return Promotion(False, _why_not(candidate, previous), previous, previous)
     now = datetime.now(UTC)
     record = RegistryRecord(
@@ -208,7 +239,22 @@ def promote(root: str, run_uri: str, *, force: bool = False, reason: str = "") -
         storage.join(layout.promotion_log(record.model, record.magnification), log_key), payload
     )
     storage.write_bytes_atomic(layout.current_pointer(record.model, record.magnification), payload)
+    _mirror(record, tracking_uri)
     return Promotion(True, record.reason, record, previous)
+
+
+def _mirror(record: RegistryRecord, tracking_uri: str | None) -> None:
+    """MLflow's registry follows ours when tracking is configured; it never fails a promotion."""
+    from dala_model.tracking import tracking_uri as configured
+
+    if configured(tracking_uri) is None:
+        return
+    try:
+        from dala_model.tracking.registry import mirror_promotion
+
+        mirror_promotion(record, tracking_uri)
+    except Exception:  # noqa: BLE001 - the storage registry has committed; MLflow only mirrors
+        log.exception("mirroring the promotion of %s into MLflow failed", record.model_version[:12])
 
 
 def _decide(candidate: Candidate, previous: RegistryRecord | None, force: bool) -> str | None:
