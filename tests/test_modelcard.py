@@ -147,9 +147,13 @@ def test_promotion_writes_model_card_md_and_models_current_prints_the_card(run, 
     assert result.promoted
     record = result.current
     folder = promotion.registry_uri(str(root), record.model, record.magnification)
-    written = modelcard.write_model_card(record.checkpoint_uri, folder)
-    assert written == storage.join(folder, "MODEL_CARD.md")
+    written = storage.join(folder, "MODEL_CARD.md")  # promote() wrote it beside the pointer
     text = Path(written).read_text()
+    assert modelcard.write_model_card(record.checkpoint_uri, folder) == written
+    assert Path(written).read_text() == text  # derived from the checkpoint alone
+    # A pointer promoted before cards existed gets its card on a no-op re-promotion.
+    Path(written).unlink()
+    assert not promotion.promote(str(root), run_uri).promoted and Path(written).exists()
     assert text.startswith("# Model card: dalaresnet50 40X")
     assert "not to be used for diagnostic purposes" in text and record.model_version in text
     # The pointer listing still finds exactly the one served model beside the card.

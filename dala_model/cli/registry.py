@@ -31,6 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run id under ROOT/runs/ to pin (always promoted); default: the best complete run "
         "of this model and magnification, promoted only if it beats the current one",
     )
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow server to mirror the promotion into (default $MLFLOW_TRACKING_URI; "
+        "docs/TRACKING.md)",
+    )
     p.set_defaults(func=promote)
 
 
@@ -51,11 +56,17 @@ def promote(args: argparse.Namespace) -> int:
                 f"not --model {args.model} --magnification {args.magnification}"
             )
         result = promotion.promote(
-            args.root, run, force=True, reason="pinned by operator (dala promote --run)"
+            args.root,
+            run,
+            force=True,
+            reason="pinned by operator (dala promote --run)",
+            tracking_uri=args.tracking_uri,
         )
     else:
         run = _best_run(args.root, args.model, args.magnification)
-        result = promotion.promote(args.root, run, reason="dala promote: best complete run")
+        result = promotion.promote(
+            args.root, run, reason="dala promote: best complete run", tracking_uri=args.tracking_uri
+        )
     record = result.current
     verb = "promoted" if result.promoted else "kept current"
     print(

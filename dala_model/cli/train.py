@@ -46,6 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--monitor", help="val_accuracy (default) | val_gmean | val_loss")
     p.add_argument("--device", help="auto (default) | cpu | cuda | cuda:N")
     p.add_argument(
+        "--tracking-uri",
+        help="MLflow server to mirror the run into (default $MLFLOW_TRACKING_URI; docs/TRACKING.md)",
+    )
+    p.add_argument(
         "--precision",
         help="auto (default: measured on first use on this machine, with the memory format) | bf16 | fp32",
     )
@@ -134,6 +138,9 @@ def _read_config(path: Path) -> dict:
             raise UsageError(f"--config {exc}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a JSON object of TrainConfig fields")
+    # A recorded tracking URI has its credentials removed, so replaying it could only fail:
+    # where a run is mirrored is this invocation's choice (--tracking-uri, $MLFLOW_TRACKING_URI).
+    data.pop("tracking_uri", None)
     return data
 
 

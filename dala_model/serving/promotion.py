@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from dala_model import runs, storage
+from dala_model import modelcard, runs, storage
 from dala_model.layout import CURRENT, RootLayout
 from dala_model.metrics import MONITORS, monitor_score
 from dala_model.runs import Record, RunMetrics, RunSummary, VersionedRecord
@@ -224,6 +224,8 @@ def promote(
     if decision is None:
         if previous is not None and previous.model_version == candidate.model_version:
             _mirror(previous, tracking_uri)
+            if not storage.exists(_card_uri(root, previous)):  # promoted before cards existed
+                _write_card(root, previous)
         return Promotion(False, _why_not(candidate, previous), previous, previous)
     now = datetime.now(UTC)
     record = RegistryRecord(
@@ -239,6 +241,7 @@ def promote(
         storage.join(layout.promotion_log(record.model, record.magnification), log_key), payload
     )
     storage.write_bytes_atomic(layout.current_pointer(record.model, record.magnification), payload)
+    _write_card(root, record)
     _mirror(record, tracking_uri)
     return Promotion(True, record.reason, record, previous)
 
@@ -255,6 +258,29 @@ def _mirror(record: RegistryRecord, tracking_uri: str | None) -> None:
         mirror_promotion(record, tracking_uri)
     except Exception:  # noqa: BLE001 - the storage registry has committed; MLflow only mirrors
         log.exception("mirroring the promotion of %s into MLflow failed", record.model_version[:12])
+
+
+def _card_uri(root: str, record: RegistryRecord) -> str:
+    folder = RootLayout(root).registry(record.model, record.magnification)
+    return storage.join(folder, modelcard.MODEL_CARD_FILE)
+
+
+def _write_card(root: str, record: RegistryRecord) -> None:
+    """``MODEL_CARD.md`` beside the pointer (``dala_model.modelcard``), from the served checkpoint.
+
+    Written after the pointer is committed, and derived from the checkpoint alone: a failure here
+    is logged, not raised, since the promotion has happened; re-promoting the same run writes
+    the missing card."""
+    folder = RootLayout(root).registry(record.model, record.magnification)
+    try:
+        modelcard.write_model_card(record.checkpoint_uri, folder)
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "promoted %s but could not write its MODEL_CARD.md under %s: %s",
+            record.model_version[:12],
+            storage.redact(folder),
+            exc,
+        )
 
 
 def _decide(candidate: Candidate, previous: RegistryRecord | None, force: bool) -> str | None:
