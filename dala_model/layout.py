@@ -8,6 +8,7 @@ its methods return the URL of each thing the library reads or writes::
     ROOT/splits/<scheme>.parquet
     ROOT/runs/<run_id>/                                   (the files inside: dala_model.runs)
     ROOT/models/<model>/<magnification>/current.json + promotions/<time>-<version>.json
+                                       + MODEL_CARD.md (dala_model.modelcard, at promotion)
     ROOT/predictions/model=<m>/version=<v>/magnification=<x>/part-<key>.parquet
     ROOT/predictions/reports/model=<m>/<flow_run_id>/<x>x.json
     ROOT/reports/report.md, report.html, metrics.json, *.png
