@@ -26,6 +26,16 @@ silently ignored; a run's test images are explained with ``dala explain ROOT --r
 ``int8`` for CPU workers (the promoted model's int8 sibling, quantized on first use from its
 validation images and saved beside it; refused on CUDA). ``batch_size`` unset lets a CPU measure
 it.
+
+``dask_address`` (with a source) scores a large drop on that Dask cluster: the flow plans here
+(``plan-scoring``: the drop's ingest, each magnification's model and threshold, the pending
+images cut into deterministic chunks of ``chunk_size``), sends one ``score-chunk`` task per
+chunk to the cluster through prefect-dask (``flows/_dask.py``), then finishes here
+(``finish-scoring``: batch reports and the case table, one writer). A chunk's part key is fixed
+by the plan, so a chunk rerun after a lost worker, or retried, rewrites the same part: nothing is
+lost or written twice. Each worker loads a magnification's model once for all its chunks
+(``scoring.cached_tools``). Without ``dask_address`` one task scores the whole drop here, as
+before; both give the same predictions and parts (tests/test_dask_scoring.py).
 """
 
 from __future__ import annotations
@@ -40,9 +50,9 @@ from pydantic import Field
 from dala_model import storage
 from dala_model.data.breakhis import check_magnifications
 from dala_model.layout import RootLayout
-from dala_model.report.tables import MISSING, fmt, markdown_table
 from dala_model.serving import predictions, promotion, scoring
 from flows._common import IO_RETRIES
+from flows._dask import DaskAddress, dask_runner, run_on_dask
 
 CASE_ROWS = 200  # case rows shown in the artifact; the full table is the Parquet file
 
@@ -86,6 +96,7 @@ def score_source_task(
     flow_run_id: str,
     explain: bool = False,
     explain_method: str = "gradcam",
+    chunk_size: int = scoring.DEFAULT_CHUNK_SIZE,
 ) -> dict:
     """Check, record and score one drop; safe to retry: scored images are skipped by content
     (heatmaps are content-keyed too, written before the part that names them)."""
@@ -99,10 +110,79 @@ def score_source_task(
         device=device,
         precision=precision,
         flow_run_id=flow_run_id,
+        chunk_size=chunk_size,
         explain=explain,
         explain_method=explain_method,
     )
     return asdict(result)
+
+
+@task(name="plan-scoring", **IO_RETRIES)
+def plan_scoring_task(
+    source: str,
+    registry: str,
+    out: str,
+    model: str,
+    threshold: float | None,
+    batch_size: int | None,
+    device: str,
+    precision: str,
+    flow_run_id: str,
+    explain: bool,
+    explain_method: str,
+    chunk_size: int,
+) -> scoring.ScoringPlan:
+    """Ingest the drop and cut its pending images into chunks; safe to retry (incremental)."""
+    return scoring.plan_scoring(
+        source,
+        registry,
+        out,
+        model=model,
+        threshold=threshold,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        flow_run_id=flow_run_id,
+        chunk_size=chunk_size,
+        explain=explain,
+        explain_method=explain_method,
+    )
+
+
+@task(
+    name="score-chunk",
+    task_run_name="score-chunk-{chunk.magnification}x-{chunk.index}",
+    **IO_RETRIES,
+)
+def score_chunk_task(chunk: scoring.Chunk) -> scoring.ChunkResult:
+    """Score one chunk on a Dask worker (its model loaded once per worker); safe to rerun: the
+    part and heatmaps are written under the chunk's own keys."""
+    return scoring.run_chunk(chunk)
+
+
+@task(name="finish-scoring", **IO_RETRIES)
+def finish_scoring_task(plan: scoring.ScoringPlan, results: list[scoring.ChunkResult]) -> dict:
+    """Batch reports and the case table, written once, here; safe to retry (both rebuilt)."""
+    return asdict(scoring.finish_scoring(plan, results))
+
+
+def score_on_dask(dask_address: str, *plan_args) -> dict:
+    """Plan here, score every chunk on the cluster, finish here (see the module docstring).
+
+    The cluster is reached once before the plan, so a wrong address fails in seconds rather than
+    after the drop's ingest has read every file."""
+    with dask_runner(dask_address):
+        pass
+    plan = plan_scoring_task(*plan_args)
+    results = []
+    if plan.chunks:  # a rerun with nothing pending sends nothing
+        results = run_on_dask(
+            dask_address,
+            score_chunk_task,
+            [{"chunk": chunk} for chunk in plan.chunks],
+            what="scoring chunks",
+        )
+    return finish_scoring_task(plan, results)
 
 
 @flow(name="batch-inference", log_prints=True)
@@ -141,6 +221,11 @@ def inference_flow(
         Field(description="with source: Grad-CAM overlays of malignant and uncertain calls"),
     ] = False,
     explain_method: Literal["gradcam", "gradcam++"] = "gradcam",
+    dask_address: DaskAddress = None,
+    chunk_size: Annotated[
+        int,
+        Field(gt=0, description="with source: images per part file (a Dask task each)"),
+    ] = scoring.DEFAULT_CHUNK_SIZE,
 ) -> list[dict] | dict:
     """Score new images with the registry's current models; write Parquet."""
     if explain and not (source or "").strip():
@@ -159,22 +244,19 @@ def inference_flow(
                 "at every magnification it holds, each with its own model"
             )
         out = out or RootLayout(root).scoring()
-        future = score_source_task.submit(
-            source,
-            registry or root,
-            out,
-            model,
-            threshold,
-            batch_size,
-            device,
-            precision,
-            run_id,
-            explain,
-            explain_method,
-        )
-        result = future.result()
+        args = (source, registry or root, out, model, threshold, batch_size, device, precision)
+        args += (run_id, explain, explain_method, chunk_size)
+        if dask_address:
+            result = score_on_dask(dask_address, *args)
+        else:
+            result = score_source_task.submit(*args).result()
         _publish_scoring(result)
         return result
+    if dask_address:
+        raise ValueError(
+            "dask_address scores a source drop on the cluster (source=<prefix>); re-scoring the "
+            "root's own manifest runs here. Pass source, or leave dask_address empty"
+        )
     threshold = 0.5 if threshold is None else threshold
     serving = {r.magnification: r for r in promotion.current_records(root) if r.model == model}
     wanted = check_magnifications(magnifications or sorted(serving), what="magnifications")
@@ -214,6 +296,8 @@ def _drop_or_none(source: str | None, logger) -> str | None:
 
 
 def _publish(results: list[dict], root: str, model: str) -> None:
+    from dala_model.report.tables import markdown_table
+
     lines = [
         f"## Batch inference with {model}",
         "",
@@ -243,6 +327,8 @@ _COLUMNS = (
 
 def _row(result: dict) -> list:
     """One magnification's line of the batch-inference artifact, in ``_COLUMNS`` order."""
+    from dala_model.report.tables import MISSING, fmt
+
     metrics = result["metrics"] or {}
     return [
         f"{result['magnification']}X",
@@ -257,6 +343,10 @@ def _row(result: dict) -> list:
 
 def _publish_scoring(result: dict) -> None:
     """Table artifacts: counts per magnification, and the drop's case-level predictions."""
+    # Imported here, not at the top: Dask workers import this module for score-chunk alone, and
+    # the report package would add to their start-up.
+    from dala_model.report.tables import MISSING, fmt
+
     rows = []
     for m in result["magnifications"]:
         report = m["report"] or {}

@@ -23,8 +23,9 @@ No row twice, by content (as ``dala_model.serving.predictions`` does for the tra
 - incremental: an image whose sha256 already has a row for the same model version is skipped,
   under whatever name or prefix it arrives again; a rerun over the same drop scores nothing;
 - deterministic parts: pending sha256s are sorted and cut into ``chunk_size`` chunks; a part's
-  key hashes the model version and the chunk's sha256s, so two runs over the same pending set
-  write the same keys and the second overwrite replaces rows instead of adding them;
+  key hashes the model version and the chunk's sha256s (all of them, whether or not each reads
+  now), so two runs over the same pending set write the same keys and the second overwrite
+  replaces rows instead of adding them;
 - readers dedupe to one row per ``(sha256, model_version)``.
 
 Heatmaps (``explain=True``, the CLI's ``--explain``): for each scored chunk, the images called
@@ -44,9 +45,30 @@ fail, is logged and leaves ``heatmap_uri`` null: explanations never stop scoring
 asked is recorded in each part's metadata (``dala.explain``: method, band, class, layer,
 reshape) and in :attr:`MagnificationScore.explain`.
 
-The per-chunk work (read, score, explain, write the part) is one function, :func:`_score_chunk`,
-taking plain arguments and returning what it wrote (:class:`ChunkResult`), so it can be run as a
-unit elsewhere (a Dask task, given the scorer and explainer loaded there).
+Three steps, so that a cluster can run the middle one (``flows/inference.py`` with
+``dask_address``; this module never imports Prefect or Dask):
+
+- :func:`plan_scoring` checks the request, ingests the drop (its manifest, quarantine and
+  duplicates under OUT), resolves each magnification's model and threshold, and cuts the pending
+  images into :class:`Chunk` s: small picklable records (a :class:`ScoringJob` with the model
+  record and options, the chunk's ``image_id``/``sha256``/``uri``/``case_id`` columns, its part
+  key). Every refusal happens here, before any image is scored.
+- :func:`run_chunk` reads, scores (and explains) one chunk and writes its part, returning what
+  it wrote (:class:`ChunkResult`). Given no loaded model it loads one through
+  :func:`cached_tools`, kept per process (at most :data:`WORKER_MODELS`), so a Dask worker that
+  scores many chunks loads each magnification's model once. The key is fixed by the plan, not
+  by which images happened to read, so every attempt at a chunk (a rerun after a lost worker,
+  a Prefect retry, a second run at the same time) writes the same part file and heatmaps, and
+  the last atomic write wins: no row twice, none lost.
+- :func:`finish_scoring` adds up the chunk results, writes the labelled drop's batch reports
+  and rebuilds the case table: the single writer of those, run once where the plan was made.
+
+:func:`score_source` (``dala predict``, the flow's default path) runs the three in this
+process, loading one magnification's model at a time and dropping it before the next (no
+process cache: a later call loads afresh, so an int8 model quantized meanwhile is seen). With
+a cluster each worker measures its own precision and batch size (``precision="auto"``): each
+part's metadata records what wrote it, the magnification's result the first chunk's choice (a
+different one on another chunk is logged).
 
 Explanations follow the incremental rule: rows are never rewritten, so a rerun that skips
 already-scored images keeps their ``heatmap_uri``, and a rerun with ``explain=True`` over
@@ -65,10 +87,13 @@ the mean of their thresholds, i.e. malignant when the per-magnification margins
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
 import logging
+import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -101,6 +126,7 @@ if TYPE_CHECKING:  # Grad-CAM loads when explain=True, not with scoring
 log = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
+DEFAULT_CHUNK_SIZE = 512  # images per part file and per Dask task: 77 MB of pixels at 224 px
 # explain=True also explains benign calls this close to the threshold: a tenth of the
 # probability scale, wide enough to catch the calls a reviewer would want to check and narrow
 # enough that a confident benign call is not explained.
@@ -165,7 +191,7 @@ def score_source(
     precision: str = "auto",
     flow_run_id: str = "local",
     batch_size: int | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     workers: int | None = None,
     explain: bool = False,
     explain_method: str = "gradcam",
@@ -181,9 +207,153 @@ def score_source(
     each newly scored image called malignant or within ``uncertain_band`` of the threshold and
     names it in ``heatmap_uri``; the maps are computed in float32 with the float model (at int8:
     the float checkpoint, on the CPU). Images scored by an earlier run are not re-explained,
-    with or without explain then (rows are never rewritten). Needs the ``explain`` extra."""
+    with or without explain then (rows are never rewritten). Needs the ``explain`` extra.
+
+    The three steps a cluster runs apart (:func:`plan_scoring`, :func:`run_chunk` per chunk,
+    :func:`finish_scoring`), here in this process, one magnification's model loaded at a time."""
+    plan = plan_scoring(
+        source,
+        registry,
+        out,
+        model=model,
+        magnification=magnification,
+        threshold=threshold,
+        device=device,
+        precision=precision,
+        flow_run_id=flow_run_id,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        workers=workers,
+        explain=explain,
+        explain_method=explain_method,
+        uncertain_band=uncertain_band,
+    )
+    results, tools = [], None
+    for chunk in plan.chunks:
+        if tools is None or tools.magnification != chunk.magnification:
+            tools = None  # the previous magnification's model goes before the next one loads
+            tools = load_tools(chunk.job)
+        results.append(run_chunk(chunk, tools))
+    return finish_scoring(plan, results)
+
+
+@dataclass
+class ScoringJob:
+    """One magnification's model and options: what each of its chunks needs, small to pickle."""
+
+    registry: str
+    out: str
+    record: RegistryRecord
+    magnification: int
+    threshold: float
+    image_size: int
+    preset: str
+    flow_run_id: str
+    device: str
+    precision: str
+    batch_size: int | None
+    explain: dict | None  # {"method", "band"} asked for, or None
+
+    def tools_key(self) -> tuple:
+        """What the loaded scorer and explainer depend on (:func:`cached_tools`)."""
+        explain = (self.explain["method"], float(self.explain["band"])) if self.explain else None
+        return (
+            self.registry,
+            self.out if explain else None,  # only the explainer writes under OUT
+            self.record.checkpoint_uri,
+            self.record.model_version,
+            self.image_size,
+            self.preset,
+            self.device,
+            self.precision,
+            self.batch_size,
+            explain,
+        )
+
+
+CHUNK_COLUMNS = ("image_id", "sha256", "uri", "case_id")  # what a chunk carries of each image
+
+
+@dataclass
+class Chunk:
+    """One deterministic chunk of pending images: the unit of work a Dask worker is sent.
+
+    ``rows`` holds the chunk's ``image_id``, ``sha256``, ``uri`` and ``case_id`` columns (sha256
+    order); ``key`` is its part's content key, the same for every attempt at it."""
+
+    job: ScoringJob
+    index: int  # within its magnification
+    key: str
+    rows: dict[str, list[str]]
+
+    @property
+    def magnification(self) -> int:
+        return self.job.magnification
+
+    @property
+    def part_uri(self) -> str:
+        layout = ScoringLayout(self.job.out)
+        folder = layout.images(
+            self.job.record.model, self.job.record.model_version, self.magnification
+        )
+        return storage.join(folder, f"part-{self.key}.parquet")
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=CHUNK_COLUMNS)
+
+
+def part_key(version: str, hashes: list[str]) -> str:
+    """The content key of a part: the model version and the chunk's sorted sha256s."""
+    return hashlib.sha256("\n".join([version, *hashes]).encode()).hexdigest()[:20]
+
+
+@dataclass
+class ScoringPlan:
+    """A drop checked and recorded, and its pending images cut into chunks (:func:`plan_scoring`).
+
+    It stays in the process that plans and finishes; only its :class:`Chunk` s travel."""
+
+    source: str
+    registry: str  # as given: the batch reports read it (never shown: see ScoringResult)
+    out: str
+    model: str
+    layout: str
+    current: pd.DataFrame  # the drop's manifest rows
+    quarantined: dict[str, int]
+    duplicates: int
+    flow_run_id: str
+    records: dict[int, RegistryRecord]  # magnification -> the promoted model serving it
+    scores: list[MagnificationScore]  # counts before scoring; finish_scoring fills the rest
+    chunks: list[Chunk]
+
+
+def plan_scoring(
+    source: str,
+    registry: str,
+    out: str,
+    *,
+    model: str = "dalaresnet50",
+    magnification: int | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    flow_run_id: str = "local",
+    batch_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    workers: int | None = None,
+    explain: bool = False,
+    explain_method: str = "gradcam",
+    uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
+) -> ScoringPlan:
+    """Check the request, ingest the drop under ``out`` and cut what is pending into chunks.
+
+    Every refusal (bad threshold, explain without its extra, an impossible precision, OUT being
+    the registry, no promoted model, overwritten weights) comes from here, before any image is
+    scored. Arguments as :func:`score_source`."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
     if explain:
         _check_explain(explain_method, uncertain_band)
     scoring_device(device, precision)  # an impossible request fails before any work
@@ -201,50 +371,220 @@ def score_source(
     layout = ScoringLayout(out)
     drop = ingest_drop(source, layout, magnification=magnification, workers=workers)
     refused = pd.DataFrame(drop.quarantined, columns=["reason", "magnification"])
-    scores = []
+    asked = {"method": explain_method, "band": uncertain_band} if explain else None
+    scores, chunks = [], []
     for mag in sorted(set(drop.current["magnification"].astype(int)) | set(serving)):
         rows = drop.current[drop.current["magnification"] == mag]
         score = MagnificationScore(
             mag, len(rows), int((refused["magnification"] == mag).sum()), unscored=len(rows)
         )
+        scores.append(score)
         record = serving.get(mag)
         score.model_version = record.model_version if record is not None else None
         if record is None or rows.empty:
             if record is None and len(rows):
                 log.warning("%d images at %dX but no promoted %s model", len(rows), mag, model)
-            scores.append(score)
             continue
-        run = {"device": device, "precision": precision, "batch_size": batch_size}
-        asked = {"method": explain_method, "band": uncertain_band} if explain else None
-        _score(
-            layout, registry, record, rows, score, threshold, flow_run_id, run, chunk_size, asked
+        version = record.model_version
+        score.threshold, score.threshold_from = resolve_threshold(record, threshold)
+        done = scored_hashes(layout.out, record.model, version)
+        pending = rows[~rows["sha256"].isin(done)].sort_values("sha256").reset_index(drop=True)
+        score.skipped, score.unscored = len(rows) - len(pending), 0
+        if pending.empty:
+            continue
+        checkpoint = record.checkpoint_uri
+        card = read_model_config(checkpoint)
+        if card["weights_sha256"] != version:
+            raise ValueError(
+                f"{storage.redact(checkpoint)} no longer holds model_version {version[:12]}: the "
+                "run folder was overwritten; promote the run again (`dala promote`)"
+            )
+        job = ScoringJob(
+            registry=registry,
+            out=out,
+            record=record,
+            magnification=mag,
+            threshold=score.threshold,
+            image_size=int(record.config.get("image_size") or card["input_size"]),
+            preset=record.config.get("preset") or card["preset"],
+            flow_run_id=flow_run_id,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            explain=asked,
         )
+        for index, start in enumerate(range(0, len(pending), chunk_size)):
+            part = pending.iloc[start : start + chunk_size]
+            cells = {c: part[c].astype(str).tolist() for c in CHUNK_COLUMNS}
+            chunks.append(Chunk(job, index, part_key(version, cells["sha256"]), cells))
+    return ScoringPlan(
+        source=drop.source,
+        registry=registry,
+        out=out,
+        model=model,
+        layout=drop.layout,
+        current=drop.current,
+        quarantined={k: int(v) for k, v in refused["reason"].value_counts().sort_index().items()},
+        duplicates=drop.duplicates,
+        flow_run_id=flow_run_id,
+        records=serving,
+        scores=scores,
+        chunks=chunks,
+    )
+
+
+@dataclass
+class ChunkTools:
+    """One magnification's loaded scorer (and explainer), and the part metadata they imply."""
+
+    magnification: int
+    scorer: Scorer
+    explainer: Explainer | None
+    explain: dict | None  # the explain record (or why nothing is explained); None: not asked
+    metadata: dict[str, str]
+
+
+def load_tools(job: ScoringJob) -> ChunkTools:
+    """Load the promoted model of ``job`` as asked (precision, device), and its explainer."""
+    record = job.record
+    run = {"device": job.device, "precision": job.precision, "batch_size": job.batch_size}
+    scorer = load_scorer(job.registry, record, image_size=job.image_size, preset=job.preset, **run)
+    metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
+    explainer, explain = None, None
+    if job.explain is not None:
+        explainer, explain = _explainer(
+            ScoringLayout(job.out), record, scorer, job.explain, job.magnification, job.preset
+        )
+        metadata["dala.explain"] = json.dumps(explain, sort_keys=True)
+    return ChunkTools(job.magnification, scorer, explainer, explain, metadata)
+
+
+# Loaded models, per process, for workers that score many chunks (run_chunk without tools):
+# one entry per magnification of a BreakHis drop, the least recently used dropped beyond that.
+WORKER_MODELS = 4
+_TOOLS: OrderedDict[tuple, ChunkTools] = OrderedDict()
+_TOOLS_LOCK = threading.Lock()  # also makes two threads of one worker load a model once
+_TOOLS_STATS = {"loads": 0, "hits": 0}
+
+
+def cached_tools(job: ScoringJob) -> ChunkTools:
+    """:func:`load_tools` once per process and :meth:`ScoringJob.tools_key`."""
+    key = job.tools_key()
+    with _TOOLS_LOCK:
+        if key in _TOOLS:
+            _TOOLS.move_to_end(key)
+            _TOOLS_STATS["hits"] += 1
+            return _TOOLS[key]
+        tools = load_tools(job)
+        _TOOLS[key] = tools
+        _TOOLS_STATS["loads"] += 1
+        while len(_TOOLS) > WORKER_MODELS:
+            _TOOLS.popitem(last=False)
+        return tools
+
+
+def tools_cache_info() -> dict[str, int]:
+    """This process's model cache: ``loads``, ``hits`` and the models held (``size``)."""
+    with _TOOLS_LOCK:
+        return {**_TOOLS_STATS, "size": len(_TOOLS)}
+
+
+def run_chunk(chunk: Chunk, tools: ChunkTools | None = None) -> ChunkResult:
+    """Score one chunk and write its part; ``tools`` None loads (or reuses) this process's model.
+
+    Safe to run again, and twice at once: an attempt writes its heatmaps and then its part under
+    the chunk's own key, atomically, so a rerun replaces what an earlier one wrote."""
+    job = chunk.job
+    tools = tools or cached_tools(job)
+    result = _score_chunk(
+        chunk.frame(),
+        scorer=tools.scorer,
+        size=job.image_size,
+        model_name=job.record.model,
+        version=job.record.model_version,
+        magnification=job.magnification,
+        threshold=job.threshold,
+        flow_run_id=job.flow_run_id,
+        part_uri=chunk.part_uri,
+        metadata=tools.metadata,
+        explainer=tools.explainer,
+    )
+    result.magnification = job.magnification
+    result.precision, result.tuning = tools.scorer.precision, tools.scorer.tuning
+    result.explain = tools.explain
+    return result
+
+
+def finish_scoring(plan: ScoringPlan, results: list[ChunkResult]) -> ScoringResult:
+    """Count what the chunks wrote, write the batch reports and rebuild the case table.
+
+    ``results`` are :func:`run_chunk`'s, one per chunk of ``plan`` in its order. The single
+    writer of the run: this runs once, in the process that planned."""
+    if len(results) != len(plan.chunks):
+        raise ValueError(
+            f"finish_scoring got {len(results)} chunk results for {len(plan.chunks)} chunks"
+        )
+    layout = ScoringLayout(plan.out)
+    scores = copy.deepcopy(plan.scores)  # the plan is left as it was: a retry adds up afresh
+    by_mag = {s.magnification: s for s in scores}
+    for k, (chunk, result) in enumerate(zip(plan.chunks, results, strict=True)):
+        if result.magnification != chunk.magnification or result.part not in (None, chunk.part_uri):
+            raise ValueError(
+                f"chunk result {k} ({storage.redact(result.part or 'no part')}) is not chunk {k} "
+                f"of this plan "
+                f"({storage.redact(chunk.part_uri)}): pass run_chunk's results in plan order"
+            )
+        score = by_mag[chunk.magnification]
+        score.scored += result.scored
+        score.unscored += result.unscored
+        score.explained += result.explained
+        if result.part is not None:
+            score.parts.append(result.part)
+        if score.precision is None:
+            score.precision, score.tuning, score.explain = (
+                result.precision,
+                result.tuning,
+                result.explain,
+            )
+        elif (result.tuning or {}).get("label") != (score.tuning or {}).get("label"):
+            log.warning(
+                "%dX: chunk %d scored with %s, an earlier one with %s (workers measured "
+                "differently); each part's metadata records its own",
+                chunk.magnification,
+                chunk.index,
+                (result.tuning or {}).get("label"),
+                (score.tuning or {}).get("label"),
+            )
+    for score in scores:
+        record = plan.records.get(score.magnification)
+        rows = plan.current[plan.current["magnification"] == score.magnification]
+        if record is None or rows.empty:
+            continue
         score.report, score.report_uri = evaluation.batch_report(
-            registry,
+            plan.registry,
             layout,
             record,
             rows,
-            flow_run_id,
+            plan.flow_run_id,
             score.threshold,
             scored_with={"precision": score.precision, "tuning": score.tuning},
         )
-        scores.append(score)
-    cases = rebuild_cases(layout, model)
-    drop_cases = cases[cases["case_id"].isin(set(drop.current["case_id"]))]
+    cases = rebuild_cases(layout, plan.model)
+    drop_cases = cases[cases["case_id"].isin(set(plan.current["case_id"]))]
     return ScoringResult(
-        source=drop.source,
-        registry=storage.redact(registry),
-        out=storage.redact(out),
-        model=model,
-        layout=drop.layout,
-        images=len(drop.current),
-        quarantined={k: int(v) for k, v in refused["reason"].value_counts().sort_index().items()},
-        duplicates=drop.duplicates,
+        source=plan.source,
+        registry=storage.redact(plan.registry),
+        out=storage.redact(plan.out),
+        model=plan.model,
+        layout=plan.layout,
+        images=len(plan.current),
+        quarantined=plan.quarantined,
+        duplicates=plan.duplicates,
         magnifications=scores,
         cases=json.loads(drop_cases.to_json(orient="records", date_format="iso")),
-        images_uri=layout.images(model),
-        cases_uri=layout.cases(model),
-        heatmaps_uri=layout.heatmaps(model),
+        images_uri=layout.images(plan.model),
+        cases_uri=layout.cases(plan.model),
+        heatmaps_uri=layout.heatmaps(plan.model),
     )
 
 
@@ -335,76 +675,17 @@ def _explainer(
 
 @dataclass
 class ChunkResult:
-    """What one chunk wrote: its part (None when no image of it could be read), and counts."""
+    """What one chunk wrote: its part (None when no image of it could be read), counts, and
+    what scored it (:func:`run_chunk` fills the last four)."""
 
     part: str | None
     scored: int
     unscored: int
     explained: int
-
-
-def _score(
-    layout: ScoringLayout,
-    registry: str,
-    record: RegistryRecord,
-    rows: pd.DataFrame,
-    score: MagnificationScore,
-    threshold: float | None,
-    flow_run_id: str,
-    run: dict,
-    chunk_size: int,
-    explain: dict | None = None,
-) -> None:
-    """Score the images of ``rows`` that these weights have not scored yet, one part per chunk.
-
-    ``run`` holds the ``device``, ``precision`` and ``batch_size`` asked for; ``explain`` the
-    ``method`` and ``band`` of heatmaps to write, or None."""
-    version = record.model_version
-    score.model_version = version
-    score.threshold, score.threshold_from = resolve_threshold(record, threshold)
-    done = scored_hashes(layout.out, record.model, version)
-    pending = rows[~rows["sha256"].isin(done)].sort_values("sha256").reset_index(drop=True)
-    score.skipped, score.unscored = len(rows) - len(pending), 0
-    if pending.empty:
-        return
-    checkpoint = record.checkpoint_uri
-    card = read_model_config(checkpoint)
-    if card["weights_sha256"] != version:
-        raise ValueError(
-            f"{storage.redact(checkpoint)} no longer holds model_version {version[:12]}: the run "
-            "folder was overwritten; promote the run again (`dala promote`)"
-        )
-    size = int(record.config.get("image_size") or card["input_size"])
-    preset = record.config.get("preset") or card["preset"]
-    scorer = load_scorer(registry, record, image_size=size, preset=preset, **run)
-    score.precision, score.tuning = scorer.precision, scorer.tuning
-    metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
-    explainer = None
-    if explain is not None:
-        explainer, score.explain = _explainer(
-            layout, record, scorer, explain, score.magnification, preset
-        )
-        metadata["dala.explain"] = json.dumps(score.explain, sort_keys=True)
-    base = layout.images(record.model, version, score.magnification)
-    for start in range(0, len(pending), chunk_size):
-        result = _score_chunk(
-            pending.iloc[start : start + chunk_size],
-            scorer=scorer,
-            size=size,
-            model_name=record.model,
-            version=version,
-            magnification=score.magnification,
-            threshold=score.threshold,
-            flow_run_id=flow_run_id,
-            part_folder=base,
-            metadata=metadata,
-            explainer=explainer,
-        )
-        score.unscored += result.unscored
-        score.scored += result.scored
-        score.explained += result.explained
-        if result.part is not None:
-            score.parts.append(result.part)
+    magnification: int | None = None
+    precision: str | None = None
+    tuning: dict | None = None
+    explain: dict | None = None
 
 
 def _score_chunk(
@@ -417,15 +698,15 @@ def _score_chunk(
     magnification: int,
     threshold: float,
     flow_run_id: str,
-    part_folder: str,
+    part_uri: str,
     metadata: dict[str, str],
     explainer: Explainer | None = None,
 ) -> ChunkResult:
-    """Read, score (and explain) one chunk of pending images and write its content-keyed part.
+    """Read, score (and explain) one chunk of pending images and write its part at ``part_uri``.
 
-    The unit of work of a scoring run: everything it needs comes in as arguments, and what it
-    wrote comes back, so it can run anywhere the scorer (and explainer) are loaded. Heatmaps are
-    written before the part that names them."""
+    Everything it needs comes in as arguments and what it wrote comes back (:func:`run_chunk`
+    gives it a chunk's own key and loaded model). Heatmaps are written before the part that
+    names them."""
     pixels, ok = _pixels(chunk, size)
     unscored = int((~ok).sum())
     chunk, pixels = chunk[ok], pixels[ok]
@@ -453,14 +734,16 @@ def _score_chunk(
             "heatmap_uri": pd.Series(heatmaps, dtype=object),
         }
     )
-    key = hashlib.sha256("\n".join([version, *frame["sha256"]]).encode()).hexdigest()[:20]
-    uri = storage.join(part_folder, f"part-{key}.parquet")
-    storage.write_parquet_atomic(frame, uri, schema=IMAGE_SCHEMA, metadata=metadata)
+    storage.write_parquet_atomic(frame, part_uri, schema=IMAGE_SCHEMA, metadata=metadata)
     explained = sum(h is not None for h in heatmaps)
     log.info(
-        "scored %d images at %dX (%d heatmaps) -> %s", len(frame), magnification, explained, uri
+        "scored %d images at %dX (%d heatmaps) -> %s",
+        len(frame),
+        magnification,
+        explained,
+        storage.redact(part_uri),
     )
-    return ChunkResult(uri, len(frame), unscored, explained)
+    return ChunkResult(part_uri, len(frame), unscored, explained)
 
 
 def _explain_chunk(

@@ -1,0 +1,357 @@
+"""`batch-inference` with ``dask_address`` on a real Dask cluster, under a real Prefect API.
+
+The cluster is a ``distributed.LocalCluster`` of 2 worker processes (one thread each), reached
+only through its scheduler address. Two tiny real models (40X and 100X, 32 px, one epoch) are
+trained and promoted once; the drop is a labelled BreakHis-named set of new synthetic PNGs at
+four magnifications (two without a model) plus a truncated file, scored in chunks of 2 so that
+each magnification has several chunks. The Dask path's drop manifest, quarantine, image rows,
+part keys, case table and counts are compared with the default path's on the same drop. A lost
+worker is a real SIGKILL of a worker process at a fixed point of a chunk's work (its part is
+written, its result not yet returned), chosen by a log record rather than a timer, so the test
+is deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import dask
+import distributed
+import numpy as np
+import pandas as pd
+import psutil
+import pyarrow.dataset as pads
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from dala_model import storage
+from dala_model.data import synth
+from dala_model.data.ingest import ingest
+from dala_model.data.splits import make_split
+from dala_model.engine.config import TrainConfig
+from dala_model.engine.train import train
+from dala_model.serving import promotion, scoring
+from dala_model.serving.outputs import (
+    IMAGE_SCHEMA,
+    ScoringLayout,
+    read_case_predictions,
+    read_image_predictions,
+)
+from flows.inference import inference_flow
+
+MODEL, MAGS, SIZE = "dalaresnet50", (40, 100), 32
+CHUNK = 2
+SCORING = {"device": "cpu", "precision": "fp32", "batch_size": 8, "chunk_size": CHUNK}
+# Per magnification, what two runs into two OUTs may differ in: where they wrote, and the
+# measured memory format (a Dask worker runs torch on one thread, so it measures its own).
+RUN_FIELDS = {"parts", "report", "report_uri", "tuning"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> str:
+    """A training root with 40X and 100X dalaresnet50 runs (one epoch, 32 px), both promoted."""
+    base = tmp_path_factory.mktemp("dask-scoring")
+    source, root = str(base / "source"), str(base / "root")
+    synth.generate(source, patients=8, images_per_patient=2, seed=1, size=(128, 96))
+    ingest(source, root, cache_size=SIZE)
+    make_split(root, "patient", seed=0)
+    for mag in MAGS:
+        config = TrainConfig(
+            root=root, magnification=mag, epochs=1, batch_size=8, image_size=SIZE, device="cpu"
+        )
+        train(config)
+        promotion.promote(root, storage.join(root, "runs", config.resolved_run_id))
+    return root
+
+
+@pytest.fixture(scope="module")
+def drop(tmp_path_factory) -> str:
+    """3 slides x 4 magnifications x 2 new PNGs (BreakHis names: labelled), and a truncated one."""
+    drop = tmp_path_factory.mktemp("dask-scoring-drop") / "incoming"
+    synth.generate(str(drop), patients=3, images_per_patient=2, seed=9, size=(96, 64))
+    first = sorted(drop.rglob("*-40-*.png"))[0]
+    first.with_name(first.name.replace(".png", "9.png")).write_bytes(first.read_bytes()[:150])
+    return str(drop)
+
+
+@pytest.fixture(scope="module")
+def default_run(prefect_api, registry, drop, tmp_path_factory) -> tuple[str, dict]:
+    out = str(tmp_path_factory.mktemp("default") / "scored")
+    state = inference_flow(root=registry, source=drop, out=out, **SCORING, return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    scored = {m["magnification"]: m["scored"] for m in result["magnifications"]}
+    assert scored == {40: 6, 100: 6, 200: 0, 400: 0} and result["quarantined"] == {"truncated": 1}
+    return out, result
+
+
+def expected_chunks(result: dict) -> int:
+    return sum(-(-m["scored"] // CHUNK) for m in result["magnifications"])
+
+
+def raw_rows(out: str) -> pd.DataFrame:
+    """Every row of every part file under OUT, not deduplicated as the readers do."""
+    folder = ScoringLayout(out).images(MODEL)
+    return pads.dataset(folder, format="parquet", schema=IMAGE_SCHEMA).to_table().to_pandas()
+
+
+def part_names(result: dict) -> list[str]:
+    return sorted(Path(p).name for m in result["magnifications"] for p in m["parts"])
+
+
+def assert_same_scoring(out: str, result: dict, default_out: str, default: dict) -> None:
+    """The default path's manifest, quarantine, rows, parts, cases and counts; no row twice."""
+    got_layout, want_layout = ScoringLayout(out), ScoringLayout(default_out)
+    for uri in ("manifest", "quarantine", "duplicates"):
+        got = storage.read_parquet(getattr(got_layout, uri)())
+        want = storage.read_parquet(getattr(want_layout, uri)())
+        stamps = [c for c in ("ingested_at", "quarantined_at") if c in got.columns]
+        pd.testing.assert_frame_equal(got.drop(columns=stamps), want.drop(columns=stamps))
+
+    got, want = read_image_predictions(out, MODEL), read_image_predictions(default_out, MODEL)
+    assert len(got) == len(want) == 12 and got["sha256"].is_unique
+    got, want = got.set_index("sha256").sort_index(), want.set_index("sha256").sort_index()
+    assert got.index.tolist() == want.index.tolist()
+    same = ["image_id", "uri", "case_id", "magnification", "pred_label", "threshold"]
+    pd.testing.assert_frame_equal(got[same], want[same])
+    # fp32 on one torch thread (a Dask worker) and on several sums in another order: ~1e-5.
+    np.testing.assert_allclose(got["prob_malignant"], want["prob_malignant"], rtol=0, atol=1e-4)
+    raw = raw_rows(out)  # one row per image in the files themselves, not only after dedupe
+    assert len(raw) == len(want) and raw["sha256"].is_unique
+
+    assert part_names(result) == part_names(default) and len(part_names(result)) == 6
+    on_disk = sorted(p.name for p in Path(got_layout.images(MODEL)).rglob("*.parquet"))
+    assert on_disk == part_names(default)
+
+    cases, want_cases = read_case_predictions(out, MODEL), read_case_predictions(default_out, MODEL)
+    keys = ["case_id", "magnification", "n_images", "pred_label", "model_version"]
+    pd.testing.assert_frame_equal(cases[keys], want_cases[keys])
+    np.testing.assert_allclose(cases["prob_malignant"], want_cases["prob_malignant"], atol=1e-4)
+    assert len(cases) == 3 * 3  # each slide at 40X, at 100X, and across the two
+
+    for got_mag, want_mag in zip(result["magnifications"], default["magnifications"], strict=True):
+        assert {k: v for k, v in got_mag.items() if k not in RUN_FIELDS} == {
+            k: v for k, v in want_mag.items() if k not in RUN_FIELDS
+        }
+        # Labelled, never-seen images: both paths evaluated the same images to the same calls
+        # (the threshold metrics; ranking ones could swap two saturated probabilities).
+        got_report, want_report = got_mag["report"] or {}, want_mag["report"] or {}
+        for key in ("labelled", "evaluated", "excluded"):
+            assert got_report.get(key) == want_report.get(key)
+        if want_report:
+            got_image, want_image = got_report["metrics"]["image"], want_report["metrics"]["image"]
+            for key in ("n", "confusion_matrix", "accuracy", "gmean"):
+                assert got_image[key] == want_image[key]
+    assert [m["report"]["evaluated"] for m in result["magnifications"][:2]] == [6, 6]
+
+
+def chunk_runs(state, expected: int) -> list:
+    """The flow run's score-chunk task runs, once ``expected`` of them have finished (task-run
+    states reach the API as events recorded asynchronously; this waits, bounded, for them)."""
+    deadline = time.monotonic() + 60
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(
+                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+                )
+            )
+        runs = [run for run in runs if run.name.startswith("score-chunk-")]
+        finished = [run for run in runs if run.state is not None and run.state.is_final()]
+        if len(finished) >= expected or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.5)
+
+
+def expected_run_names(result: dict) -> list[str]:
+    return sorted(
+        f"score-chunk-{m['magnification']}x-{k}"
+        for m in result["magnifications"]
+        for k in range(-(-m["scored"] // CHUNK))
+    )
+
+
+def test_dask_path_gives_the_default_predictions(cluster, registry, drop, default_run, tmp_path):
+    default_out, default = default_run
+    out = str(tmp_path / "scored")
+    with distributed.Client(cluster, set_as_default=False) as client:
+        before = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        models_before = client.run(scoring.tools_cache_info)
+
+        state = inference_flow(
+            root=registry,
+            source=drop,
+            out=out,
+            dask_address=cluster.scheduler_address,
+            **SCORING,
+            return_state=True,
+        )
+
+        after = client.run(lambda dask_worker: dask_worker.state.executed_count)
+        models_after = client.run(scoring.tools_cache_info)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert_same_scoring(out, result, default_out, default)
+    # One Prefect task run per chunk, run by the cluster's worker processes.
+    chunks = expected_chunks(default)
+    assert chunks == 6
+    runs = chunk_runs(state, chunks)
+    assert sorted(run.name for run in runs) == expected_run_names(default)
+    assert all(run.state.is_completed() for run in runs)
+    assert sum(after.values()) - sum(before.values()) == chunks
+    # Each worker loaded each magnification's model at most once, however many chunks it ran.
+    loads = sum(models_after[w]["loads"] - models_before[w]["loads"] for w in models_after)
+    hits = sum(models_after[w]["hits"] - models_before[w]["hits"] for w in models_after)
+    assert loads + hits == chunks and loads <= len(models_after) * len(MAGS)
+    assert hits >= chunks - len(models_after) * len(MAGS) > 0
+
+    # A rerun over the same drop plans nothing pending, and sends nothing to the cluster.
+    with distributed.Client(cluster, set_as_default=False) as client:
+        again = inference_flow(
+            root=registry,
+            source=drop,
+            out=out,
+            dask_address=cluster.scheduler_address,
+            **SCORING,
+            return_state=True,
+        )
+        assert client.run(lambda dask_worker: dask_worker.state.executed_count) == after
+    assert again.is_completed(), again.message
+    rerun = again.result()["magnifications"]
+    assert [(m["scored"], m["skipped"]) for m in rerun] == [(0, 6), (0, 6), (0, 0), (0, 0)]
+    assert len(raw_rows(out)) == 12
+
+
+def kill_one_chunk(marker: str) -> distributed.WorkerPlugin:
+    """A worker plugin that SIGKILLs its own worker process at the first "scored ... images"
+    any worker logs: once cluster-wide (the first to create ``marker`` wins, and writes its pid
+    there), so that chunk's part is written and its result is lost.
+
+    The classes are defined in here so that Dask sends them by value (cloudpickle): a worker
+    runs them without importing this test module."""
+
+    class KillOnScoredChunk(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if not record.getMessage().startswith("scored "):
+                return
+            try:
+                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return
+            os.write(fd, str(os.getpid()).encode())
+            os.fsync(fd)
+            os.close(fd)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    class KillOneChunk(distributed.WorkerPlugin):
+        def setup(self, worker) -> None:
+            self.handler = KillOnScoredChunk(logging.INFO)
+            logger = logging.getLogger("dala_model.serving.scoring")
+            logger.setLevel(logging.INFO)
+            logger.addHandler(self.handler)
+
+        def teardown(self, worker) -> None:
+            logging.getLogger("dala_model.serving.scoring").removeHandler(self.handler)
+
+    return KillOneChunk()
+
+
+def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
+    cluster, registry, drop, default_run, tmp_path
+):
+    default_out, default = default_run
+    out, marker = str(tmp_path / "scored"), tmp_path / "killed-pid"
+    with distributed.Client(cluster, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=60)
+        pids = set(client.run(os.getpid).values())
+        client.register_plugin(kill_one_chunk(str(marker)), name="kill-one-chunk")
+        try:
+            state = inference_flow(
+                root=registry,
+                source=drop,
+                out=out,
+                dask_address=cluster.scheduler_address,
+                **SCORING,
+                return_state=True,
+            )
+        finally:
+            client.unregister_worker_plugin("kill-one-chunk")
+        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
+    killed = int(marker.read_text())
+    assert killed in pids and not psutil.pid_exists(killed)
+    assert state.is_completed(), state.message
+    # The killed chunk ran again elsewhere and rewrote its own part: every image once, every
+    # case complete, the counts the default path's (nothing counted twice).
+    assert_same_scoring(out, state.result(), default_out, default)
+    chunks = expected_chunks(default)
+    runs = chunk_runs(state, chunks)
+    assert len(runs) == chunks == len({run.name for run in runs})
+    assert all(run.state.is_completed() for run in runs)
+
+
+def test_unreachable_cluster_fails_before_the_drop_is_read(prefect_api, drop, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens once closed
+    out = tmp_path / "scored"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}):
+        state = inference_flow(
+            root=str(tmp_path / "no-registry"),
+            source=drop,
+            out=str(out),
+            dask_address=address,
+            return_state=True,
+        )
+    assert state.is_failed()
+    assert f"dask_address={address}: no Dask scheduler answered" in state.message, state.message
+    assert not out.exists()  # not even the drop's manifest: the address was checked first
+
+    no_source = inference_flow(root=str(tmp_path), dask_address=address, return_state=True)
+    assert no_source.is_failed() and "dask_address scores a source drop" in no_source.message
+
+
+def test_chunk_attempts_write_the_same_part_and_finish_adds_up_once(
+    registry, drop, default_run, tmp_path
+):
+    """The library steps alone: a chunk run twice (as after a lost worker) rewrites its own
+    part; the finish refuses results out of plan order, and run again (a retry) counts the
+    chunks once."""
+    default_out, default = default_run
+    out = str(tmp_path / "scored")
+    plan = scoring.plan_scoring(
+        drop, registry, out, device="cpu", precision="fp32", batch_size=8, chunk_size=CHUNK
+    )
+    assert [(c.magnification, c.index) for c in plan.chunks] == [
+        (m, k) for m in MAGS for k in range(3)
+    ]
+    assert sorted(f"part-{c.key}.parquet" for c in plan.chunks) == part_names(default)
+    first = scoring.run_chunk(plan.chunks[0])
+    written = storage.read_parquet(first.part)
+    again = scoring.run_chunk(plan.chunks[0])
+    assert again.part == first.part and (first.scored, again.scored) == (CHUNK, CHUNK)
+    assert len(raw_rows(out)) == CHUNK  # the second attempt replaced the first's rows
+    assert storage.read_parquet(first.part)["scored_at"].min() > written["scored_at"].max()
+
+    results = [again] + [scoring.run_chunk(c) for c in plan.chunks[1:]]
+    with pytest.raises(ValueError, match="chunk result 0 .* is not chunk 0 of this plan"):
+        scoring.finish_scoring(plan, [results[1], results[0], *results[2:]])
+    once, retried = scoring.finish_scoring(plan, results), scoring.finish_scoring(plan, results)
+    for result in (once, retried):
+        assert [(m.scored, m.skipped, len(m.parts)) for m in result.magnifications] == [
+            (m["scored"], m["skipped"], len(m["parts"])) for m in default["magnifications"]
+        ]
+    assert len(raw_rows(out)) == 12 and raw_rows(out)["sha256"].is_unique
