@@ -11,12 +11,9 @@ record rather than a timer, so the test is deterministic.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import signal
 import socket
-import time
 from pathlib import Path
 
 import dask
@@ -25,8 +22,6 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from dala_model import storage
 from dala_model.data import cache, synth
@@ -34,6 +29,7 @@ from dala_model.data.ingest_distributed import ingest_partitions
 from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
 from flows.ingest import ingest_flow
 from flows.train import train_flow
+from tests._dask_support import kill_worker_at_log, task_runs
 
 SIZE = 32
 # What the two paths may differ in: timing, and how many files each run itself read or reused.
@@ -96,26 +92,6 @@ def assert_same_ingest(root: str, result: dict, default_root: str, default: dict
     assert not Path(root, "staging").exists() or not any(Path(root, "staging").iterdir())
 
 
-def stage_runs(state, expected: int) -> list:
-    """The flow run's stage-partition task runs, once ``expected`` of them have finished.
-
-    Task-run states reach the API as events that the server records asynchronously, so a read
-    right after the flow returns may lag; this waits (bounded) for the records, not for the work."""
-    deadline = time.monotonic() + 60
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-                )
-            )
-        runs = [run for run in runs if run.name.startswith("stage-partition-")]
-        finished = [run for run in runs if run.state is not None and run.state.is_final()]
-        if len(finished) >= expected or time.monotonic() > deadline:
-            return runs
-        time.sleep(0.5)
-
-
 def test_dask_path_gives_the_default_manifest(cluster, messy_source, default_ingest, tmp_path):
     default_root, default = default_ingest
     root = str(tmp_path / "root")
@@ -136,7 +112,7 @@ def test_dask_path_gives_the_default_manifest(cluster, messy_source, default_ing
     assert_same_ingest(root, state.result(), default_root, default)
     # One Prefect task run per partition, and the cluster's worker processes ran them all.
     assert len(partitions) == 8
-    runs = stage_runs(state, len(partitions))
+    runs = task_runs(state, "stage-partition-", len(partitions))
     assert sorted(run.name for run in runs) == sorted(
         f"stage-partition-{k}" for k in range(len(partitions))
     )
@@ -203,40 +179,6 @@ def test_a_failed_partition_fails_the_run_naming_it_after_the_others_finish(
     assert attempts == sorted(str(k) for k in range(len(plan)) if k != gone)
 
 
-def kill_one_partition(marker: str) -> distributed.WorkerPlugin:
-    """A worker plugin that SIGKILLs its own worker process at the first "ingest done" any worker
-    logs: once cluster-wide (the first to create ``marker`` wins, and writes its pid there), so
-    that partition's staged files are written and its result is lost.
-
-    The classes are defined in here so that Dask sends them by value (cloudpickle): a worker then
-    runs them without importing this module, and torch with it through ``flows.train``."""
-
-    class KillOnFinishedPartition(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if not record.getMessage().startswith("ingest done"):
-                return
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(fd, str(os.getpid()).encode())
-            os.fsync(fd)
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    class KillOnePartition(distributed.WorkerPlugin):
-        def setup(self, worker) -> None:
-            self.handler = KillOnFinishedPartition(logging.INFO)
-            logger = logging.getLogger("dala_model.data.ingest")
-            logger.setLevel(logging.INFO)
-            logger.addHandler(self.handler)
-
-        def teardown(self, worker) -> None:
-            logging.getLogger("dala_model.data.ingest").removeHandler(self.handler)
-
-    return KillOnePartition()
-
-
 def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     cluster, messy_source, default_ingest, tmp_path
 ):
@@ -245,7 +187,10 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     with distributed.Client(cluster, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=60)
         pids = set(client.run(os.getpid).values())
-        client.register_plugin(kill_one_partition(str(marker)), name="kill-one-partition")
+        client.register_plugin(
+            kill_worker_at_log(str(marker), "dala_model.data.ingest", "ingest done"),
+            name="kill-one-partition",
+        )
         try:
             state = ingest_flow(
                 source=messy_source,
@@ -262,7 +207,7 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     assert state.is_completed(), state.message
     assert_same_ingest(root, state.result(), default_root, default)
     partitions = len(ingest_partitions(messy_source))
-    runs = stage_runs(state, partitions)
+    runs = task_runs(state, "stage-partition-", partitions)
     assert len(runs) == partitions == len({run.name for run in runs})
     assert all(run.state.is_completed() for run in runs)
 

