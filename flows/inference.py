@@ -27,8 +27,13 @@ silently ignored; a run's test images are explained with ``dala explain ROOT --r
 validation images and saved beside it; refused on CUDA). ``batch_size`` unset lets a CPU measure
 it.
 
-``dask_address`` (with a source) scores a large drop on that Dask cluster: the flow plans here
-(``plan-scoring``: the drop's ingest, each magnification's model and threshold, the pending
+``dask_address`` (with a source) scores a large drop on that Dask cluster. The drop's ingest
+runs there first: the flow checks the request and lists the drop here (``plan-drop``: unchanged
+files reused, the rest cut into partitions of ``chunk_size`` files), sends one ``check-drop``
+task per partition (read, hash, check; nothing written) and commits the drop's manifest,
+quarantine and duplicates here (``commit-drop``, the single writer), the records the default
+path writes (``dala_model.serving.drop``). Then it plans the scoring here
+(``plan-scoring``: each magnification's model and threshold, the pending
 images cut into deterministic chunks of ``chunk_size``), sends one ``score-chunk`` task per
 chunk to the cluster through prefect-dask (``flows/_dask.py``), then finishes here
 (``finish-scoring``: batch reports and the case table, one writer). A chunk's part key is fixed
@@ -50,6 +55,7 @@ from pydantic import Field
 from dala_model import storage
 from dala_model.data.breakhis import check_magnifications
 from dala_model.layout import RootLayout
+from dala_model.serving import drop as drop_lib
 from dala_model.serving import predictions, promotion, scoring
 from flows._common import IO_RETRIES
 from flows._dask import DaskAddress, dask_runner, run_on_dask
@@ -131,8 +137,10 @@ def plan_scoring_task(
     explain: bool,
     explain_method: str,
     chunk_size: int,
+    drop: drop_lib.DropResult | None = None,
 ) -> scoring.ScoringPlan:
-    """Ingest the drop and cut its pending images into chunks; safe to retry (incremental)."""
+    """Ingest the drop (unless ``drop`` is its committed ingest) and cut its pending images
+    into chunks; safe to retry (incremental)."""
     return scoring.plan_scoring(
         source,
         registry,
@@ -146,7 +154,50 @@ def plan_scoring_task(
         chunk_size=chunk_size,
         explain=explain,
         explain_method=explain_method,
+        drop=drop,
     )
+
+
+@task(name="plan-drop", **IO_RETRIES)
+def plan_drop_task(
+    source: str,
+    registry: str,
+    out: str,
+    model: str,
+    threshold: float | None,
+    device: str,
+    precision: str,
+    explain: bool,
+    explain_method: str,
+    chunk_size: int,
+) -> drop_lib.DropPlan:
+    """Check the request and list the drop into partitions of files to read; reads no image."""
+    return scoring.plan_drop_ingest(
+        source,
+        registry,
+        out,
+        model=model,
+        threshold=threshold,
+        device=device,
+        precision=precision,
+        chunk_size=chunk_size,
+        explain=explain,
+        explain_method=explain_method,
+    )
+
+
+@task(name="check-drop", task_run_name="check-drop-{partition.index}", **IO_RETRIES)
+def check_drop_task(partition: drop_lib.DropPartition) -> drop_lib.CheckedPartition:
+    """Read, hash and check one partition of the drop on a Dask worker; writes nothing."""
+    return drop_lib.check_partition(partition)
+
+
+@task(name="commit-drop", **IO_RETRIES)
+def commit_drop_task(
+    plan: drop_lib.DropPlan, checked: list[drop_lib.CheckedPartition]
+) -> drop_lib.DropResult:
+    """Write the drop's manifest, quarantine and duplicates, once, here; safe to retry."""
+    return drop_lib.commit_drop(plan, checked)
 
 
 @task(
@@ -167,13 +218,27 @@ def finish_scoring_task(plan: scoring.ScoringPlan, results: list[scoring.ChunkRe
 
 
 def score_on_dask(dask_address: str, *plan_args) -> dict:
-    """Plan here, score every chunk on the cluster, finish here (see the module docstring).
+    """Ingest the drop and score every chunk on the cluster; plan, commit and finish here (see
+    the module docstring).
 
     The cluster is reached once before the plan, so a wrong address fails in seconds rather than
-    after the drop's ingest has read every file."""
+    after the drop has been listed."""
     with dask_runner(dask_address):
         pass
-    plan = plan_scoring_task(*plan_args)
+    source, registry, out, model, threshold, _, device, precision = plan_args[:8]
+    _, explain, explain_method, chunk_size = plan_args[8:]
+    request = (model, threshold, device, precision, explain, explain_method, chunk_size)
+    drop_plan = plan_drop_task(source, registry, out, *request)
+    checked = []
+    if drop_plan.partitions:  # a rerun re-reads only changed (and quarantined) files
+        checked = run_on_dask(
+            dask_address,
+            check_drop_task,
+            [{"partition": partition} for partition in drop_plan.partitions],
+            what="drop partitions",
+        )
+    drop = commit_drop_task(drop_plan, checked)
+    plan = plan_scoring_task(*plan_args, drop=drop)
     results = []
     if plan.chunks:  # a rerun with nothing pending sends nothing
         results = run_on_dask(

@@ -4,8 +4,9 @@ The cluster is a ``distributed.LocalCluster`` of 2 worker processes (one thread 
 only through its scheduler address. Two tiny real models (40X and 100X, 32 px, one epoch) are
 trained and promoted once; the drop is a labelled BreakHis-named set of new synthetic PNGs at
 four magnifications (two without a model) plus a truncated file, scored in chunks of 2 so that
-each magnification has several chunks. The Dask path's drop manifest, quarantine, image rows,
-part keys, case table and counts are compared with the default path's on the same drop. A lost
+each magnification has several chunks (and the drop's ingest several ``check-drop`` partitions
+on the workers). The Dask path's drop manifest, quarantine, duplicates, image rows, part keys,
+case table and counts are compared with the default path's on the same drop. A lost
 worker is a real SIGKILL of a worker process at a fixed point of a chunk's work (its part is
 written, its result not yet returned), chosen by a log record rather than a timer, so the test
 is deterministic.
@@ -31,6 +32,7 @@ from dala_model.data.ingest import ingest
 from dala_model.data.splits import make_split
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.train import train
+from dala_model.serving import drop as drop_lib
 from dala_model.serving import promotion, scoring
 from dala_model.serving.outputs import (
     IMAGE_SCHEMA,
@@ -184,20 +186,32 @@ def test_dask_path_gives_the_default_predictions(cluster, registry, drop, defaul
     assert state.is_completed(), state.message
     result = state.result()
     assert_same_scoring(out, result, default_out, default)
+    # The drop's ingest ran on the workers: one check-drop task per partition of CHUNK files
+    # (all 25 files are new), each completed; its records are the default path's (above).
+    files = len(list(Path(drop).rglob("*.png")))
+    partitions = -(-files // CHUNK)
+    assert files == 25 and partitions == 13
+    checks = task_runs(state, "check-drop-", partitions)
+    assert sorted(run.name for run in checks) == sorted(
+        f"check-drop-{k}" for k in range(partitions)
+    )
+    assert all(run.state.is_completed() for run in checks)
     # One Prefect task run per chunk, run by the cluster's worker processes.
     chunks = expected_chunks(default)
     assert chunks == 6
     runs = task_runs(state, "score-chunk-", chunks)
     assert sorted(run.name for run in runs) == expected_run_names(default)
     assert all(run.state.is_completed() for run in runs)
-    assert sum(after.values()) - sum(before.values()) == chunks
+    # Every partition check and every chunk was executed by a worker, none in this process.
+    assert sum(after.values()) - sum(before.values()) == partitions + chunks
     # Each worker loaded each magnification's model at most once, however many chunks it ran.
     loads = sum(models_after[w]["loads"] - models_before[w]["loads"] for w in models_after)
     hits = sum(models_after[w]["hits"] - models_before[w]["hits"] for w in models_after)
     assert loads + hits == chunks and loads <= len(models_after) * len(MAGS)
     assert hits >= chunks - len(models_after) * len(MAGS) > 0
 
-    # A rerun over the same drop plans nothing pending, and sends nothing to the cluster.
+    # A rerun over the same drop reuses every recorded file: the cluster re-checks only the
+    # quarantined one (as the default path re-reads it), and nothing is pending to score.
     with distributed.Client(cluster, set_as_default=False) as client:
         again = inference_flow(
             root=registry,
@@ -207,8 +221,11 @@ def test_dask_path_gives_the_default_predictions(cluster, registry, drop, defaul
             **SCORING,
             return_state=True,
         )
-        assert client.run(lambda dask_worker: dask_worker.state.executed_count) == after
+        rerun_count = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert sum(rerun_count.values()) - sum(after.values()) == 1
     assert again.is_completed(), again.message
+    assert [run.name for run in task_runs(again, "check-drop-", 1)] == ["check-drop-0"]
+    assert task_runs(again, "score-chunk-", 0) == []
     rerun = again.result()["magnifications"]
     assert [(m["scored"], m["skipped"]) for m in rerun] == [(0, 6), (0, 6), (0, 0), (0, 0)]
     assert len(raw_rows(out)) == 12
@@ -302,3 +319,30 @@ def test_chunk_attempts_write_the_same_part_and_finish_adds_up_once(
             (m["scored"], m["skipped"], len(m["parts"])) for m in default["magnifications"]
         ]
     assert len(raw_rows(out)) == 12 and raw_rows(out)["sha256"].is_unique
+
+
+def test_drop_partitions_commit_to_the_default_records_in_plan_order(drop, default_run, tmp_path):
+    """The drop's ingest steps alone: partitions checked apart (one twice, as after a lost
+    worker) commit to the default path's records; results out of plan order are refused."""
+    default_out, _ = default_run
+    layout = ScoringLayout(str(tmp_path / "scored"))
+    plan = drop_lib.plan_drop(drop, layout, partition_files=CHUNK)
+    assert len(plan.partitions) == 13 and plan.read == 25 and plan.reused.empty
+    checked = [drop_lib.check_partition(p, workers=1) for p in plan.partitions]
+    assert not storage.exists(layout.manifest())  # checking writes nothing
+    again = drop_lib.check_partition(plan.partitions[0], workers=1)
+    assert again.rows == checked[0].rows and again.quarantined == checked[0].quarantined
+    with pytest.raises(ValueError, match=r"checked\[0\] is partition 1 .* not partition 0"):
+        drop_lib.commit_drop(plan, [checked[1], checked[0], *checked[2:]])
+    with pytest.raises(ValueError, match="one checked partition per partition"):
+        drop_lib.commit_drop(plan, checked[:-1])
+    result = drop_lib.commit_drop(plan, checked)
+    assert (result.read, result.reused, len(result.current)) == (25, 0, 24)
+    for uri in ("manifest", "quarantine", "duplicates"):
+        got = storage.read_parquet(getattr(layout, uri)())
+        want = storage.read_parquet(getattr(ScoringLayout(default_out), uri)())
+        stamps = [c for c in ("ingested_at", "quarantined_at") if c in got.columns]
+        pd.testing.assert_frame_equal(got.drop(columns=stamps), want.drop(columns=stamps))
+    # A second plan reuses every recorded file and re-reads only the quarantined one.
+    replan = drop_lib.plan_drop(drop, layout, partition_files=CHUNK)
+    assert (replan.read, len(replan.reused), len(replan.partitions)) == (1, 24, 1)

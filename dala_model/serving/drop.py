@@ -24,6 +24,17 @@ previous manifest whose uri, size and version (ETag/mtime) are unchanged are not
 One row per content: the first uri of a sha256 (earliest ``ingested_at``, then uri) is kept, the
 others go to ``duplicates.parquet``. Two drops racing to rewrite these files may lose one's
 newest records; each run re-checks the files still in its drop, so the next run restores them.
+
+Three steps, so that a cluster can read a large drop (``flows/inference.py`` with
+``dask_address``; this module never imports Prefect or Dask), as the training ingest does
+(``dala_model.data.ingest_distributed``): :func:`plan_drop` lists the drop where the flow runs,
+reuses the unchanged rows and cuts the files still to read into :class:`DropPartition` s (uri
+order, ``partition_files`` each); :func:`check_partition` reads, hashes and checks one partition
+on a worker and returns its rows and quarantine records, writing nothing, so a rerun after a lost
+worker, or two attempts at once, cannot leave anything behind; :func:`commit_drop`, back where
+the plan was made, is the single writer of the manifest, quarantine and duplicates.
+:func:`ingest_drop` chains the three in this process (one partition, a thread pool), so both
+paths write the same records by construction.
 """
 
 from __future__ import annotations
@@ -214,6 +225,164 @@ def _reusable(previous: pd.DataFrame, image: SourceImage) -> dict | None:
     return {**old, "uri": image.file.url} if same else None
 
 
+DEFAULT_PARTITION_FILES = 256  # files a cluster worker reads and checks per task
+
+
+@dataclass(frozen=True)
+class DropPartition:
+    """Files of a drop one worker reads and checks (:func:`check_partition`): small to pickle."""
+
+    index: int
+    images: tuple[SourceImage, ...]
+    ingested_at: pd.Timestamp  # the drop's one timestamp, the same in every partition
+
+    def uris(self) -> list[str]:
+        return [image.file.url for image in self.images]
+
+
+@dataclass
+class DropPlan:
+    """A drop as listed (:func:`plan_drop`): what is reused, and the partitions still to read.
+
+    It stays where the flow runs (the single writer); only its :class:`DropPartition` s travel."""
+
+    source: str  # canonical (local paths absolute: workers share the file system)
+    out: str
+    layout: str  # the drop's layout, as discovered
+    ingested_at: pd.Timestamp
+    reused: pd.DataFrame  # previous manifest rows of unchanged files
+    refused: list[dict]  # quarantined by the listing itself, before any read
+    partitions: list[DropPartition]
+    images: int
+    ignored: int
+
+    @property
+    def read(self) -> int:
+        return sum(len(p.images) for p in self.partitions)
+
+
+@dataclass
+class CheckedPartition:
+    """What :func:`check_partition` saw: manifest rows and quarantine records, nothing written."""
+
+    index: int
+    uris: list[str]  # the partition's files, to match it to its plan at the commit
+    rows: list[dict]
+    quarantined: list[dict]
+
+
+def plan_drop(
+    source: str,
+    layout: ScoringLayout,
+    *,
+    magnification: int | None = None,
+    partition_files: int | None = DEFAULT_PARTITION_FILES,
+) -> DropPlan:
+    """List ``source``, prove OUT writable, reuse unchanged rows, cut the rest into partitions.
+
+    Partitions are ``partition_files`` files each in uri order (None: one partition)."""
+    if partition_files is not None and partition_files < 1:
+        raise ValueError(f"partition_files must be at least 1, got {partition_files}")
+    source = canonical_source(source)
+    found: Discovery = discover(source, magnification=magnification)
+    storage.check_writable(layout.out)
+    now = pd.Timestamp.now(tz="UTC").floor("us")
+    previous = _read(layout.manifest(), DROP_MANIFEST_SCHEMA)
+    previous_by_uri = previous.set_index("uri", drop=False) if len(previous) else previous
+    reused, todo = [], []
+    for image in found.images:
+        old = _reusable(previous_by_uri, image)
+        if old is not None:
+            reused.append(old)
+        else:
+            todo.append(image)
+    todo.sort(key=lambda image: image.file.url)
+    size = partition_files or max(len(todo), 1)
+    partitions = [
+        DropPartition(k, tuple(todo[start : start + size]), now)
+        for k, start in enumerate(range(0, len(todo), size))
+    ]
+    return DropPlan(
+        source=source,
+        out=layout.out,
+        layout=found.layout,
+        ingested_at=now,
+        reused=pd.DataFrame(reused, columns=DROP_MANIFEST_SCHEMA.names),
+        refused=[{**q, "quarantined_at": now} for q in found.quarantined],
+        partitions=partitions,
+        images=len(found.images),
+        ignored=found.ignored,
+    )
+
+
+def check_partition(partition: DropPartition, workers: int | None = None) -> CheckedPartition:
+    """Read, hash and check one partition's files (on a cluster worker); writes nothing, so it
+    is safe to run again or twice at once."""
+    now = partition.ingested_at
+    rows, quarantined = [], []
+    workers = workers or default_workers()
+    with ThreadPoolExecutor(workers, thread_name_prefix="drop") as pool:
+        images = partition.images
+        for row, refused in bounded_map(pool, lambda i: _inspect(i, now), images, 4 * workers):
+            if row is not None:
+                rows.append(row)
+            else:
+                quarantined.append({**refused, "quarantined_at": now})
+    log.info(
+        "drop partition %d: %d files read, %d quarantined",
+        partition.index,
+        len(partition.images),
+        len(quarantined),
+    )
+    return CheckedPartition(partition.index, partition.uris(), rows, quarantined)
+
+
+def commit_drop(plan: DropPlan, checked: list[CheckedPartition]) -> DropResult:
+    """Merge the checked partitions (``checked[k]`` from partition ``k``) into OUT's records.
+
+    The single writer of OUT's manifest, quarantine and duplicates (each write atomic); it
+    re-reads the manifest just before writing, so a drop committed since the plan keeps its rows."""
+    if len(checked) != len(plan.partitions):
+        raise ValueError(
+            f"commit_drop needs one checked partition per partition: got {len(checked)} for "
+            f"{len(plan.partitions)} partitions"
+        )
+    for k, (part, done) in enumerate(zip(plan.partitions, checked, strict=True)):
+        if done.index != k or done.uris != part.uris():
+            raise ValueError(
+                f"checked[{k}] is partition {done.index} ({len(done.uris)} files), not partition "
+                f"{k} of this plan: pass check_partition(plan.partitions[{k}])'s result"
+            )
+    layout = ScoringLayout(plan.out)
+    frames = [plan.reused] + [
+        pd.DataFrame(done.rows, columns=DROP_MANIFEST_SCHEMA.names) for done in checked
+    ]
+    current = pd.concat([f for f in frames if len(f)] or [plan.reused], ignore_index=True)
+    quarantined = list(plan.refused) + [q for done in checked for q in done.quarantined]
+    log.info(
+        "drop %s (%s): %d images, %d unchanged, %d read, %d quarantined",
+        storage.redact(plan.source),
+        plan.layout,
+        plan.images,
+        plan.images - plan.read,
+        plan.read,
+        len(quarantined),
+    )
+    previous = _read(layout.manifest(), DROP_MANIFEST_SCHEMA)
+    duplicates = _commit(layout, plan.source, previous, current, quarantined)
+    ours = current.sort_values("uri").drop_duplicates("sha256").reset_index(drop=True)
+    return DropResult(
+        source=storage.redact(plan.source),
+        layout=plan.layout,
+        current=ours,
+        quarantined=quarantined,
+        duplicates=duplicates,
+        read=plan.read,
+        reused=plan.images - plan.read,
+        ignored=plan.ignored,
+    )
+
+
 def ingest_drop(
     source: str,
     layout: ScoringLayout,
@@ -221,50 +390,13 @@ def ingest_drop(
     magnification: int | None = None,
     workers: int | None = None,
 ) -> DropResult:
-    """Check every image of ``source`` and update OUT's manifest, quarantine and duplicates."""
-    source = canonical_source(source)
-    found: Discovery = discover(source, magnification=magnification)
-    storage.check_writable(layout.out)
-    now = pd.Timestamp.now(tz="UTC").floor("us")
-    previous = _read(layout.manifest(), DROP_MANIFEST_SCHEMA)
-    previous_by_uri = previous.set_index("uri", drop=False) if len(previous) else previous
-    rows, todo = [], []
-    for image in found.images:
-        old = _reusable(previous_by_uri, image)
-        if old is not None:
-            rows.append(old)
-        else:
-            todo.append(image)
-    quarantined = [{**q, "quarantined_at": now} for q in found.quarantined]
-    workers = workers or default_workers()
-    with ThreadPoolExecutor(workers, thread_name_prefix="drop") as pool:
-        for row, refused in bounded_map(pool, lambda i: _inspect(i, now), todo, 4 * workers):
-            if row is not None:
-                rows.append(row)
-            else:
-                quarantined.append({**refused, "quarantined_at": now})
-    log.info(
-        "drop %s (%s): %d images, %d unchanged, %d read, %d quarantined",
-        storage.redact(source),
-        found.layout,
-        len(found.images),
-        len(found.images) - len(todo),
-        len(todo),
-        len(quarantined),
-    )
-    current = pd.DataFrame(rows, columns=DROP_MANIFEST_SCHEMA.names)
-    duplicates = _commit(layout, source, previous, current, quarantined)
-    ours = current.sort_values("uri").drop_duplicates("sha256").reset_index(drop=True)
-    return DropResult(
-        source=storage.redact(source),
-        layout=found.layout,
-        current=ours,
-        quarantined=quarantined,
-        duplicates=duplicates,
-        read=len(todo),
-        reused=len(found.images) - len(todo),
-        ignored=found.ignored,
-    )
+    """Check every image of ``source`` and update OUT's manifest, quarantine and duplicates.
+
+    :func:`plan_drop`, :func:`check_partition` and :func:`commit_drop` in this process, the
+    whole drop one partition read by ``workers`` threads."""
+    plan = plan_drop(source, layout, magnification=magnification, partition_files=None)
+    checked = [check_partition(p, workers) for p in plan.partitions]
+    return commit_drop(plan, checked)
 
 
 def _read(uri: str, schema: pa.Schema) -> pd.DataFrame:

@@ -52,7 +52,10 @@ Three steps, so that a cluster can run the middle one (``flows/inference.py`` wi
   duplicates under OUT), resolves each magnification's model and threshold, and cuts the pending
   images into :class:`Chunk` s: small picklable records (a :class:`ScoringJob` with the model
   record and options, the chunk's ``image_id``/``sha256``/``uri``/``case_id`` columns, its part
-  key). Every refusal happens here, before any image is scored.
+  key). Every refusal happens here, before any image is scored. Given ``drop=`` (a drop
+  already ingested under OUT) it skips the ingest: with a cluster the flow first checks the
+  request and plans the drop's ingest (:func:`plan_drop_ingest`), has the workers read and check
+  its partitions (``drop.check_partition``) and commits them where it runs (``drop.commit_drop``).
 - :func:`run_chunk` reads, scores (and explains) one chunk and writes its part, returning what
   it wrote (:class:`ChunkResult`). Given no loaded model it loads one through
   :func:`cached_tools`, kept per process (at most :data:`WORKER_MODELS`), so a Dask worker that
@@ -107,7 +110,7 @@ from dala_model.data.cache import resize
 from dala_model.data.ingest import canonical_source
 from dala_model.models.checkpoint import read_model_config
 from dala_model.serving import evaluation
-from dala_model.serving.drop import decode_rgb, ingest_drop
+from dala_model.serving.drop import DropPlan, DropResult, decode_rgb, ingest_drop, plan_drop
 from dala_model.serving.outputs import (
     CASE_SCHEMA,
     IMAGE_SCHEMA,
@@ -327,7 +330,7 @@ class ScoringPlan:
     chunks: list[Chunk]
 
 
-def plan_scoring(
+def plan_drop_ingest(
     source: str,
     registry: str,
     out: str,
@@ -337,19 +340,45 @@ def plan_scoring(
     threshold: float | None = None,
     device: str = "auto",
     precision: str = "auto",
-    flow_run_id: str = "local",
-    batch_size: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    workers: int | None = None,
     explain: bool = False,
     explain_method: str = "gradcam",
     uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
-) -> ScoringPlan:
-    """Check the request, ingest the drop under ``out`` and cut what is pending into chunks.
+) -> DropPlan:
+    """The request checked as :func:`plan_scoring` checks it, then the drop's ingest planned
+    (``drop.plan_drop``: ``chunk_size`` files per partition), for a cluster to check the
+    partitions before :func:`plan_scoring` gets the committed drop. Nothing is read yet."""
+    _check_request(
+        registry,
+        out,
+        model=model,
+        threshold=threshold,
+        device=device,
+        precision=precision,
+        chunk_size=chunk_size,
+        explain=explain,
+        explain_method=explain_method,
+        uncertain_band=uncertain_band,
+    )
+    return plan_drop(
+        source, ScoringLayout(out), magnification=magnification, partition_files=chunk_size
+    )
 
-    Every refusal (bad threshold, explain without its extra, an impossible precision, OUT being
-    the registry, no promoted model, overwritten weights) comes from here, before any image is
-    scored. Arguments as :func:`score_source`."""
+
+def _check_request(
+    registry: str,
+    out: str,
+    *,
+    model: str,
+    threshold: float | None,
+    device: str,
+    precision: str,
+    chunk_size: int,
+    explain: bool,
+    explain_method: str,
+    uncertain_band: float,
+) -> dict[int, RegistryRecord]:
+    """Every refusal that needs no image; the promoted records by magnification."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie strictly between 0 and 1, got {threshold}")
     if chunk_size < 1:
@@ -368,8 +397,50 @@ def plan_scoring(
             f"no promoted {model} model under {storage.redact(registry)}: train one "
             f"(train-breakhis) or pin one with `dala promote {storage.redact(registry)} ...`"
         )
+    return serving
+
+
+def plan_scoring(
+    source: str,
+    registry: str,
+    out: str,
+    *,
+    model: str = "dalaresnet50",
+    magnification: int | None = None,
+    threshold: float | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    flow_run_id: str = "local",
+    batch_size: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    workers: int | None = None,
+    explain: bool = False,
+    explain_method: str = "gradcam",
+    uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
+    drop: DropResult | None = None,
+) -> ScoringPlan:
+    """Check the request, ingest the drop under ``out`` and cut what is pending into chunks.
+
+    Every refusal (bad threshold, explain without its extra, an impossible precision, OUT being
+    the registry, no promoted model, overwritten weights) comes from here, before any image is
+    scored. Arguments as :func:`score_source`; ``drop``: the drop already ingested under ``out``
+    (:func:`plan_drop_ingest`, its partitions checked elsewhere, then ``drop.commit_drop``), which
+    is then not ingested again."""
+    serving = _check_request(
+        registry,
+        out,
+        model=model,
+        threshold=threshold,
+        device=device,
+        precision=precision,
+        chunk_size=chunk_size,
+        explain=explain,
+        explain_method=explain_method,
+        uncertain_band=uncertain_band,
+    )
     layout = ScoringLayout(out)
-    drop = ingest_drop(source, layout, magnification=magnification, workers=workers)
+    if drop is None:
+        drop = ingest_drop(source, layout, magnification=magnification, workers=workers)
     refused = pd.DataFrame(drop.quarantined, columns=["reason", "magnification"])
     asked = {"method": explain_method, "band": uncertain_band} if explain else None
     scores, chunks = [], []
