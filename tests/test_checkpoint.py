@@ -13,6 +13,7 @@ import torch
 import torchvision.models as tvm
 
 from dala_model import storage
+from dala_model.models import checkpoint
 from dala_model.models.checkpoint import (
     InvalidCheckpoint,
     load_model,
@@ -62,6 +63,38 @@ def test_round_trip_rebuilds_the_exact_model(storage_root):
     assert config["card"] == {"val_accuracy": 0.875, "data_version": "abc123", "seed": 7}
     assert storage.exists(storage.join(uri, config["weights_file"]))
     assert config["weights_file"] == f"model-{config['weights_sha256'][:16]}.safetensors"
+
+
+def test_loaded_model_owns_real_trainable_tensors(saved):
+    """The meta-device rebuild leaves nothing on ``meta`` and every parameter trainable."""
+    loaded = load_model(str(saved))
+    tensors = [*loaded.parameters(), *loaded.buffers()]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in loaded.parameters())
+    loaded.train()(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
+
+
+class _Tiny(torch.nn.Module):
+    """A float32 layer, and optionally state outside the state dict (a non-persistent buffer)."""
+
+    def __init__(self, hidden: bool) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        if hidden:
+            self.register_buffer("scale", torch.full((1,), 2.0), persistent=False)
+
+
+@pytest.mark.parametrize("hidden", [False, True], ids=["meta-rebuild", "ordinary-rebuild"])
+def test_rebuild_casts_like_a_copy_and_leaves_nothing_on_meta(monkeypatch, hidden):
+    monkeypatch.setattr(checkpoint, "build_model", lambda name, num_classes, **kw: _Tiny(hidden))
+    weights = {"fc.weight": torch.randn(2, 3, dtype=torch.float64), "fc.bias": torch.zeros(2)}
+    model = checkpoint._rebuild({"model": "x", "num_classes": 2, "options": {}}, weights)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert model.fc.weight.dtype == torch.float32  # the model's dtype, as copy_ would give
+    assert torch.equal(model.fc.weight, weights["fc.weight"].float())
+    if hidden:
+        assert float(model.scale) == 2.0  # built for real, not left on meta
 
 
 def test_default_input_size_is_the_models(tmp_path):

@@ -23,7 +23,7 @@ from PIL import Image
 from dala_model import storage
 from dala_model.cli import main as dala
 from dala_model.data import synth
-from dala_model.data.cache import resize
+from dala_model.data._decode import resize_rgb
 from dala_model.data.ingest import ingest
 from dala_model.data.manifest import read_manifest
 from dala_model.data.splits import make_split
@@ -133,7 +133,7 @@ def test_explain_writes_heatmaps_for_malignant_and_uncertain_calls_only(served, 
         assert f"/explain/model={MODEL}/version={row.model_version}/mag={MAG}/" in row.heatmap_uri
         heat = np.asarray(Image.open(io.BytesIO(data)))
         assert heat.shape == (SIZE, SIZE, 3) and heat.dtype == np.uint8
-        seen = resize(decode_rgb(storage.read_bytes(row.uri))[0], SIZE)
+        seen = resize_rgb(decode_rgb(storage.read_bytes(row.uri))[0], SIZE)
         assert np.abs(heat.astype(int) - seen.astype(int)).mean() > 5  # the map is laid over it
 
     # A rerun scores nothing, writes no file and keeps every row's column.

@@ -187,13 +187,37 @@ def load_model(uri: str, map_location: str | torch.device = "cpu") -> nn.Module:
             f"{where}/{weights_file} is not a safetensors file: {exc}"
         ) from None
     try:
-        model = build_model(config["model"], num_classes=config["num_classes"], **config["options"])
+        model = _rebuild(config, tensors)
     except (ValueError, TypeError) as exc:
         raise InvalidCheckpoint(f"{where}: its config cannot rebuild a model: {exc}") from None
-    try:
-        model.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:
         raise InvalidCheckpoint(
             f"{where}: the weights do not fit model {config['model']!r}: {exc}"
         ) from None
     return model.to(map_location).eval()
+
+
+def _rebuild(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The config's model holding ``tensors`` (strict: every key, every shape).
+
+    Built on the ``meta`` device, so no time goes into a random initialisation the weights
+    replace at once (ResNet50's costs 0.3 s, a fifth of scoring a 20-image drop on 2 cores),
+    then given the loaded tensors themselves (``assign=True``), each cast to the dtype the model
+    declares, as a copy into an initialised model would. A model with state outside its state
+    dict (a non-persistent buffer, left on ``meta``) is rebuilt the ordinary way instead.
+    """
+    build = lambda: build_model(  # noqa: E731
+        config["model"], num_classes=config["num_classes"], **config["options"]
+    )
+    with torch.device("meta"):
+        model = build()
+    declared = model.state_dict(keep_vars=True)
+    typed = {
+        key: value.to(declared[key].dtype) if key in declared else value
+        for key, value in tensors.items()
+    }
+    model.load_state_dict(typed, strict=True, assign=True)
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model = build()
+        model.load_state_dict(tensors, strict=True)
+    return model

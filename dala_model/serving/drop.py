@@ -11,7 +11,9 @@ reasons (``zero_bytes``, ``too_large``, ``not_an_image``, ``truncated``, ``corru
 here rather than called through ingest's private ``_inspect`` for two reasons: scoring converts
 more than training ingest accepts (a 16-bit grayscale scan is scaled to 8 bits here, where
 ingest refuses to train on it), and it keeps no pixels between the check and the scoring, so
-memory stays flat however large a drop is. Conversions, by Pillow source mode, with the mode
+memory stays flat however large a drop is. The full decode of the 8-bit modes is ingest's too
+(``dala_model.data._decode``: libspng where proven identical to Pillow, else Pillow), here and
+when the scorer decodes the file again. Conversions, by Pillow source mode, with the mode
 recorded in ``mode`` and ``converted`` true: ``RGBA/LA/PA`` drop alpha (as the training cache
 does), ``L/P`` expand to RGB, ``I;16*`` and ``I`` within 0..65535 are scaled by 1/257, ``F``
 within 0..1 by 255. Anything else (CMYK, bilevel, out-of-range ``I``/``F``) is
@@ -51,6 +53,7 @@ import pyarrow as pa
 from PIL import Image, UnidentifiedImageError
 
 from dala_model import storage
+from dala_model.data._decode import decode_rgb as fast_decode_rgb
 from dala_model.data._pool import bounded_map, default_workers
 from dala_model.data.breakhis import LABELS
 from dala_model.data.ingest import IMAGE_FORMATS, MAX_FILE_BYTES, MAX_PIXELS, canonical_source
@@ -138,24 +141,28 @@ def to_rgb(image: Image.Image) -> Image.Image:
     raise ConversionError(f"mode {mode}: convert it to 8-bit RGB before scoring")
 
 
-def decode_rgb(data: bytes) -> tuple[Image.Image, str, str]:
-    """Fully decode ``data`` (after a checksum verify) to RGB: ``(rgb, format, source mode)``.
+def decode_rgb(data: bytes) -> tuple[np.ndarray, str, str]:
+    """Fully decode ``data`` (after a checksum verify) to RGB: ``(uint8 HxWx3, format, source mode)``.
 
-    Raises what Pillow raises for bad files and :class:`ConversionError`; :func:`check_bytes`
-    turns those into quarantine reasons."""
+    The 8-bit modes go through ``dala_model.data._decode.decode_rgb``, as the training ingest
+    does: libspng where it is proven to give Pillow's ``convert("RGB")`` bit for bit and to be as
+    strict about damaged data, Pillow otherwise (so the error for a bad file is Pillow's). The
+    wide modes are scaled by :func:`to_rgb` from Pillow's decode. Raises what Pillow raises for bad
+    files and :class:`ConversionError`; :func:`check_bytes` turns those into quarantine reasons."""
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         if image.width * image.height > MAX_PIXELS:
             raise Image.DecompressionBombError(
                 f"{image.width}x{image.height} pixels > MAX_PIXELS={MAX_PIXELS} "
                 "(decompression-bomb guard)"
             )
+        fmt, mode = image.format, image.mode
         image.verify()
+    if mode in RGB_CONVERTIBLE:
+        return fast_decode_rgb(data, IMAGE_FORMATS), fmt, mode
     with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
         image.load()
-        fmt, mode = image.format, image.mode
         rgb = to_rgb(image)
-        rgb.load()
-    return rgb, fmt, mode
+        return np.asarray(rgb, dtype=np.uint8), fmt, mode
 
 
 def check_bytes(data: bytes) -> tuple[str, str, tuple[str, str, int, int] | None]:
@@ -175,7 +182,7 @@ def check_bytes(data: bytes) -> tuple[str, str, tuple[str, str, int, int] | None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         truncated = isinstance(exc, EOFError) or "truncated" in str(exc).lower()
         return ("truncated" if truncated else "corrupt"), str(exc), None
-    return "", "", (fmt, mode, rgb.width, rgb.height)
+    return "", "", (fmt, mode, rgb.shape[1], rgb.shape[0])
 
 
 def _inspect(image: SourceImage, now: pd.Timestamp) -> tuple[dict | None, dict | None]:

@@ -106,7 +106,7 @@ import numpy as np
 import pandas as pd
 
 from dala_model import storage
-from dala_model.data.cache import resize
+from dala_model.data._decode import resize_rgb
 from dala_model.data.ingest import canonical_source
 from dala_model.models.checkpoint import read_model_config
 from dala_model.serving import evaluation
@@ -873,7 +873,7 @@ def _pixels(chunk: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray]:
             if hashlib.sha256(data).hexdigest() != sha:
                 log.warning("%s changed since it was checked: next run", storage.redact(uri))
                 return None
-            return resize(decode_rgb(data)[0], size)
+            return resize_rgb(decode_rgb(data)[0], size)
         except (FileNotFoundError, OSError, ValueError) as exc:
             log.warning("%s cannot be scored now (%s): next run", storage.redact(uri), exc)
             return None
