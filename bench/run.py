@@ -55,7 +55,7 @@ class Sizes:
     int8_calibration_images: int = 32  # calibrate the int8 model on these ("validation")...
     int8_images: int = 96  # ...and score it against float on these (disjoint; "test")
     int8_train_steps: int = 10  # Adam steps: image-dependent features for the int8 entry
-    predict_images: int = 32  # PNGs of the predict-cpu drop (at 40X, from the small ingest set)
+    predict_images: int = 96  # PNGs of the predict-cpu drop (at 40X, from the small ingest set)
     reps: int = 3
     size: int = 224
 
