@@ -70,6 +70,8 @@ def test_loaded_model_owns_real_trainable_tensors(saved):
     loaded = load_model(str(saved))
     tensors = [*loaded.parameters(), *loaded.buffers()]
     assert tensors and all(t.device.type == "cpu" for t in tensors)
+    # Own memory, not views of the bytes read from storage (safetensors' tensors are).
+    assert all(t.untyped_storage().resizable() for t in tensors)
     assert all(p.requires_grad and isinstance(p, torch.nn.Parameter) for p in loaded.parameters())
     loaded.train()(torch.randn(2, 3, 64, 64)).sum().backward()
     assert all(p.grad is not None for p in loaded.parameters() if p.requires_grad)
