@@ -28,7 +28,7 @@ from dala_model.device import resolve_precision
 from dala_model.engine.config import TrainConfig
 from dala_model.engine.inference import predict_proba
 from dala_model.engine.sampling import epoch_order
-from dala_model.engine.train import RunConflict, train
+from dala_model.engine.train import RunConflict, _beats, train
 
 SIZE = 64
 MAG = 400
@@ -249,6 +249,19 @@ def test_unfinished_run_needs_resume(synth_root):
     (folder / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(RunConflict, match="resume"):
         train(config)
+
+
+def test_best_epoch_ties_go_to_the_lower_validation_loss():
+    best = {"epoch": 0, "score": 0.75, "val": {"accuracy": 0.75, "loss": 0.53, "gmean": 0.0}}
+    assert _beats("val_accuracy", {"accuracy": 0.75, "loss": 0.38, "gmean": 0.0}, best)
+    assert not _beats("val_accuracy", {"accuracy": 0.75, "loss": 0.60, "gmean": 0.0}, best)
+    assert not _beats("val_accuracy", {"accuracy": 0.75, "loss": 0.53, "gmean": 0.0}, best)
+    assert not _beats("val_accuracy", {"accuracy": 0.70, "loss": 0.10, "gmean": 0.5}, best)
+    assert _beats("val_accuracy", {"accuracy": 0.80, "loss": 0.90, "gmean": 0.5}, best)
+    by_loss = {"epoch": 0, "score": -0.53, "val": {"accuracy": 0.75, "loss": 0.53}}
+    assert _beats("val_loss", {"accuracy": 0.5, "loss": 0.52}, by_loss)
+    assert not _beats("val_loss", {"accuracy": 0.9, "loss": 0.53}, by_loss)
+    assert _beats("val_gmean", {"gmean": 0.1, "loss": 9.0}, {"epoch": -1, "score": None, "val": {}})
 
 
 def test_epoch_order_is_a_pure_function_of_seed_and_epoch():

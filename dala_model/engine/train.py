@@ -266,12 +266,29 @@ def _run_epoch(run: _Run, epoch: int) -> tuple[dict, dict]:
     return record, val
 
 
+def _beats(monitor: str, val: dict, best: dict) -> bool:
+    """Whether validation metrics ``val`` beat ``best`` (``state["best"]``) under ``monitor``.
+
+    A tie on the monitored metric goes to the lower validation loss: accuracy and G-mean at 0.5
+    are coarse on a small validation split and stay flat while the model still improves. Measured
+    on the quick profile (24 validation images, AMD EPYC, 2026-12-02): the 100X run called
+    every validation image malignant at all 8 epochs (val accuracy 0.750 each time) and kept
+    epoch 1 (val_loss 0.53; test G-mean 0.64 at its validation threshold) over epoch 8 (val_loss
+    0.38). Ties on the loss keep the earlier epoch."""
+    if best["score"] is None:
+        return True
+    score = monitor_score(monitor, val)
+    if score != best["score"]:
+        return score > best["score"]
+    return float(val["loss"]) < float(best["val"].get("loss", float("inf")))
+
+
 def _keep_if_best(run: _Run, state: dict, epoch: int, val: dict) -> None:
-    """Record ``epoch`` as the best when it beats the best so far on the monitored metric."""
+    """Record ``epoch`` as the best when it beats the best so far (:func:`_beats`)."""
     config = run.config
-    score = monitor_score(config.monitor, val)
-    if not (state["best"]["score"] is None or score > state["best"]["score"]):
+    if not _beats(config.monitor, val, state["best"]):
         return
+    score = monitor_score(config.monitor, val)
     state["best"] = {"epoch": epoch, "score": score, "val": val}
     if run.job.is_main:
         save_model(
