@@ -10,8 +10,9 @@ Rounds are interleaved (reference, ingest, the same ingest with the fast decoder
 i.e. Pillow only as before ``dala_model.data._decode``, and the same ingest from the PNGs in a
 local folder), so each ratio is taken within a round and the decoder's own effect on ingest is
 measured in the same run. The local-folder rate (``extra.local_folder_ratio``) is the embedded
-default's, without the S3 server's CPU time on the same two cores; the headline stays the S3 one. The third entry,
-ingest-decoders, compares the PNG decoders ingest could use (``bench.decoders``).
+default's, without the S3 server's CPU time on the same two cores; the headline stays the S3
+one. The third entry, ingest-decoders, compares the PNG decoders ingest could use
+(``bench.decoders``).
 """
 
 from __future__ import annotations
