@@ -7,12 +7,42 @@ endpoint through s3fs, so every storage path is exercised on both backends.
 
 from __future__ import annotations
 
+import os
 import socket
+import tempfile
 import uuid
 
 import pytest
 
 SHARED_SAMPLE_PARTS = ("shared", "breakhis-sample", "histology_slides")
+MAX_WORKERS = 4  # pytest-xdist workers at most: each holds torch and a training's memory
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: plain `pytest` runs without xdist
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (``make test``): one worker per core, at most :data:`MAX_WORKERS`.
+
+    On two cores the suite spends about 40% of its time waiting (servers starting, processes
+    polled, flows handing off), so a second worker fills that time; beyond four, memory, not
+    cores, is the limit."""
+    return max(1, min(os.cpu_count() or 1, MAX_WORKERS))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, split the cores between the workers and give each worker its own
+    device-slot locks (``flows._slots``), so two workers' flows never queue on each other's
+    slots (a test that asserts two trainings overlap would otherwise wait for another test)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
+        return
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # processes the tests start inherit it
+    os.environ["DALA_SLOT_DIR"] = tempfile.mkdtemp(prefix=f"dala-slots-{worker}-")
+
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def _free_port() -> int:
@@ -95,3 +125,34 @@ def breakhis_sample():
         if candidate.is_dir():
             return candidate
     pytest.skip("real BreakHis sample not found at ../shared/breakhis-sample/histology_slides")
+
+
+# The longest modules by the suite's own --durations (2 cores, 2026-12-02; each well over a minute),
+# beside every module with a `slow` test. `make test` hands whole modules to workers in collection
+# order (--dist loadfile --no-loadscope-reorder), so putting these first keeps one long module from
+# starting last and running alone while the other worker idles.
+LONG_MODULES = (
+    "test_e2e_deployment.py",
+    "reliability/test_flow_faults.py",
+    "test_flows.py",
+    "test_train.py",
+    "test_distributed.py",
+    "test_dask_scoring.py",
+    "test_dask_flows.py",
+)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """:data:`LONG_MODULES` first, in that order, then the other modules with a `slow` test, then
+    the rest; the order within a module is unchanged (the sort is stable)."""
+    rank: dict = {}
+    for item in items:
+        path = item.path.as_posix()
+        named = [i for i, name in enumerate(LONG_MODULES) if path.endswith("/tests/" + name)]
+        slow = (
+            len(LONG_MODULES)
+            if item.get_closest_marker("slow") is not None
+            else len(LONG_MODULES) + 1
+        )
+        rank[item.path] = min(rank.get(item.path, slow), named[0] if named else slow)
+    items.sort(key=lambda item: rank[item.path])
