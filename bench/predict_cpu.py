@@ -2,18 +2,21 @@
 
 "Ours" is :func:`dala_model.serving.scoring.score_source` end to end on a case-folder drop of
 the suite's synthetic PNGs (700x460, the archive's size): discover, hash and check every file,
-write OUT's manifest, decode and resize in threads, score with the promoted model as the engine
-tunes it (``precision="auto"``: ``dala_model.engine.autotune``), write the image and case
-Parquet. Each repetition scores into a fresh OUT, so nothing is skipped as already scored.
+write OUT's manifest, hand the check's decoded pixels to the scorer resized
+(``scoring.PixelHandoff``), score with the promoted model as the engine tunes it
+(``precision="auto"``: ``dala_model.engine.autotune``), write the image and case Parquet. Each
+repetition scores into a fresh OUT, so nothing is skipped as already scored.
 
-Two rates are timed in the same interleaved rounds (``bench.harness.interleaved``):
+Besides ours, three rates are timed in the same interleaved rounds (``bench.harness.interleaved``):
 
 - reference (the goal, from issue 12): the engine's own infer-cpu rate, i.e.
   ``predict_logits`` with the same tuned choice on the same images already decoded to uint8, so
   the ratio is the fraction of pure inference speed the whole path keeps; >= 0.8 means decoding
   and I/O overlap or cost little beside compute;
 - naive: a loop that opens each PNG with PIL, converts and resizes it, runs the torchvision eval
-  transform and ``model(x[None])`` one image at a time, and writes the rows to one Parquet file.
+  transform and ``model(x[None])`` one image at a time, and writes the rows to one Parquet file;
+- no-handoff (``extra.no_handoff_images_per_s``): ours with ``handoff_bytes=0``, every file read
+  and decoded a second time to be scored: what the handoff is worth, measured in the same run.
 
 The model is dalaresnet50 trained one epoch (fp32, NCHW: no training autotune) on a few small
 synthetic images and promoted under a registry root of its own: the path needs a promoted,
@@ -44,7 +47,7 @@ from dala_model.engine.train import train
 from dala_model.models.checkpoint import load_model
 from dala_model.models.transforms import eval_transform
 from dala_model.serving import promotion
-from dala_model.serving.scoring import score_source
+from dala_model.serving.scoring import HANDOFF_BYTES, score_source
 
 MODEL = "dalaresnet50"
 MAGNIFICATION = 40
@@ -117,15 +120,17 @@ def run(work: Path, files: list[Path], *, size: int, images: int, reps: int) -> 
     (outs / "naive").mkdir(parents=True, exist_ok=True)
     results: list[Any] = []
 
-    def ours() -> None:
+    def ours(handoff_bytes: int = HANDOFF_BYTES, into: list[Any] = results) -> None:
         out = str(outs / uuid.uuid4().hex[:8])
-        results.append(score_source(str(source), root, out, model=MODEL, device="cpu"))
+        kwargs = {"model": MODEL, "device": "cpu", "handoff_bytes": handoff_bytes}
+        into.append(score_source(str(source), root, out, **kwargs))
 
     seconds = interleaved(
         {
             "ours": ours,
             "infer": lambda: predict_logits(net, decoded, preset="paper", **kwargs),
             "naive": lambda: naive_loop(naive_model, paths, size, outs / "naive"),
+            "no-handoff": lambda: ours(handoff_bytes=0, into=[]),
         },
         reps,
     )
@@ -150,17 +155,19 @@ def run(work: Path, files: list[Path], *, size: int, images: int, reps: int) -> 
             "size": size,
             "reps": reps,
             "warmup": 1,
-            "timing": "interleaved rounds: ours, infer, naive",
+            "timing": "interleaved rounds: ours, infer, naive, no-handoff",
             "threads": torch.get_num_threads(),
             "ours": "dala_model.serving.scoring.score_source: case-folder drop -> OUT Parquet, "
             "a fresh OUT per repetition",
             "reference": f"predict_logits with the tuned {choice.label} on pre-decoded uint8",
             "naive": "PIL decode + resize, eval_transform, model(x[None]) per image, one Parquet",
         },
-        reps={k: measured[k] for k in ("ours", "infer", "naive")},
+        reps={k: measured[k] for k in ("ours", "infer", "naive", "no-handoff")},
         extra={
             "naive_images_per_s": naive_rate,
             "speedup_vs_naive": ours_rate / naive_rate,
+            "no_handoff_images_per_s": median(measured["no-handoff"]),
+            "handoff_speedup": ours_rate / median(measured["no-handoff"]),
             "infer_cpu_images_per_s": infer_rate,
             "tuning": tuning,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),

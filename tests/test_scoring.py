@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import threading
 import uuid
 
@@ -32,7 +33,7 @@ from dala_model.engine.config import TrainConfig
 from dala_model.engine.inference import predict_proba
 from dala_model.engine.train import train
 from dala_model.models.checkpoint import load_model
-from dala_model.serving import promotion
+from dala_model.serving import promotion, scoring
 from dala_model.serving.drop import to_rgb
 from dala_model.serving.outputs import (
     IMAGE_SCHEMA,
@@ -264,6 +265,63 @@ def test_scores_a_drop_once_by_content(registry, buckets, layout):
     quarantine = storage.read_parquet(ScoringLayout(out).quarantine())
     assert {f"{source}/{p}" for p in reasons} <= set(quarantine["uri"])
     assert f"{other}/case-0009/x.png" in set(quarantine["uri"]) and _raw_rows(out) == rows + 1
+
+
+def test_pixel_handoff_scores_exactly_what_a_second_decode_scores(trained, tmp_path, caplog):
+    """The drop check's decoded pixels, handed to the scorer, give the rows a fresh read gives:
+    RGB, RGBA and 16-bit files, a duplicate, a quarantined file; with the cap at one image only
+    that image is held and the rest are read again."""
+    files, expected, _, _ = _drop("folders")
+    source = str(tmp_path / "drop")
+    _upload(source, files)
+    one_image = 32 * 32 * 3
+    rows = {}
+    for name, cap in (("held", scoring.HANDOFF_BYTES), ("capped", one_image), ("off", 0)):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dala_model.serving.scoring"):
+            score_source(
+                source,
+                trained,
+                str(tmp_path / name),
+                device="cpu",
+                precision="fp32",
+                handoff_bytes=cap,
+            )
+        lines = [r.getMessage() for r in caplog.records if "pixel handoff" in r.getMessage()]
+        taken = {"held": len(expected), "capped": 1}.get(name)
+        if taken is None:
+            assert lines == []  # off: nothing is held, every file is read again
+        else:
+            assert lines and lines[0].startswith(f"pixel handoff: {taken} images scored")
+        table = read_image_predictions(str(tmp_path / name), "dalaresnet50")
+        rows[name] = table.set_index("sha256")["prob_malignant"].sort_index()
+    assert len(rows["off"]) == len(expected)
+    pd.testing.assert_series_equal(rows["held"], rows["off"], check_exact=True)
+    pd.testing.assert_series_equal(rows["capped"], rows["off"], check_exact=True)
+
+
+def test_pixel_handoff_holds_within_its_cap_and_lets_go(trained, tmp_path):
+    """plan_scoring's handoff: held bytes never pass the cap, images already scored are let go,
+    and each held image is handed over once."""
+    files, expected, _, _ = _drop("folders")
+    source, out = str(tmp_path / "drop"), str(tmp_path / "out")
+    _upload(source, files)
+    plan = scoring.plan_scoring(source, trained, out, device="cpu", handoff_bytes=10**9)
+    pixels = plan.pixels
+    held = {(sha, c.job.image_size) for c in plan.chunks for sha in c.rows["sha256"]}
+    assert pixels.kept == len(expected) and pixels.held_bytes == len(held) * 32 * 32 * 3
+    sha, size = next(iter(held))
+    first = pixels.take(sha, size)
+    assert first.shape == (size, size, 3) and first.dtype == np.uint8
+    assert pixels.take(sha, size) is None  # handed over once
+    assert pixels.held_bytes == (len(held) - 1) * 32 * 32 * 3
+    pixels.retain(set())
+    assert pixels.held_bytes == 0
+    tight = scoring.plan_scoring(
+        source, trained, str(tmp_path / "out2"), device="cpu", handoff_bytes=2 * 32 * 32 * 3 + 1
+    )
+    assert tight.pixels.kept == 2 and tight.pixels.refused >= len(expected) - 2
+    assert tight.pixels.held_bytes <= tight.pixels.max_bytes
 
 
 def test_concurrent_runs_never_duplicate_rows(trained, buckets):

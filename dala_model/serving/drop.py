@@ -10,14 +10,15 @@ reasons (``zero_bytes``, ``too_large``, ``not_an_image``, ``truncated``, ``corru
 ``unsupported_mode``), plus the source's own (``dala_model.data.sources``). They are written
 here rather than called through ingest's private ``_inspect`` for two reasons: scoring converts
 more than training ingest accepts (a 16-bit grayscale scan is scaled to 8 bits here, where
-ingest refuses to train on it), and it keeps no pixels between the check and the scoring, so
-memory stays flat however large a drop is. The full decode of the 8-bit modes is ingest's too
-(``dala_model.data._decode``: libspng where proven identical to Pillow, else Pillow), here and
-when the scorer decodes the file again. Conversions, by Pillow source mode, with the mode
-recorded in ``mode`` and ``converted`` true: ``RGBA/LA/PA`` drop alpha (as the training cache
-does), ``L/P`` expand to RGB, ``I;16*`` and ``I`` within 0..65535 are scaled by 1/257, ``F``
-within 0..1 by 255. Anything else (CMYK, bilevel, out-of-range ``I``/``F``) is
-``unsupported_mode``.
+ingest refuses to train on it), and it holds no pixels itself, so memory stays flat however
+large a drop is: a caller that wants them passes ``keep`` (the scorer's bounded, sha256-keyed
+``PixelHandoff``, so an image checked here need not be read and decoded again to be scored).
+The full decode of the 8-bit modes is ingest's too (``dala_model.data._decode``: libspng where
+proven identical to Pillow, else Pillow), here and when the scorer decodes a file again.
+Conversions, by Pillow source mode, with the mode recorded in ``mode`` and ``converted`` true:
+``RGBA/LA/PA`` drop alpha (as the training cache does), ``L/P`` expand to RGB, ``I;16*`` and
+``I`` within 0..65535 are scaled by 1/257, ``F`` within 0..1 by 255. Anything else (CMYK,
+bilevel, out-of-range ``I``/``F``) is ``unsupported_mode``.
 
 Accumulating records (a nightly drop prefix is emptied and refilled): the manifest and the
 quarantine keep the rows of earlier drops, keyed by file uri; a uri seen again replaces its own
@@ -44,6 +45,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -165,36 +167,50 @@ def decode_rgb(data: bytes) -> tuple[np.ndarray, str, str]:
         return np.asarray(rgb, dtype=np.uint8), fmt, mode
 
 
-def check_bytes(data: bytes) -> tuple[str, str, tuple[str, str, int, int] | None]:
-    """``(reason, detail, info)``: a quarantine reason, or ``("", "", (format, mode, w, h))``."""
+Checked = tuple[str, str, tuple[str, str, int, int] | None, np.ndarray | None]
+
+
+def check_bytes(data: bytes) -> Checked:
+    """``(reason, detail, info, rgb)``: a quarantine reason (info and rgb None), or
+    ``("", "", (format, mode, w, h), rgb)`` with the decoded uint8 RGB pixels."""
     if not data:
-        return "zero_bytes", "the file is empty", None
+        return "zero_bytes", "the file is empty", None, None
     if len(data) > MAX_FILE_BYTES:
-        return "too_large", f"{len(data)} bytes > MAX_FILE_BYTES={MAX_FILE_BYTES}", None
+        return "too_large", f"{len(data)} bytes > MAX_FILE_BYTES={MAX_FILE_BYTES}", None, None
     try:
         rgb, fmt, mode = decode_rgb(data)
     except Image.DecompressionBombError as exc:
-        return "too_large", str(exc), None
+        return "too_large", str(exc), None, None
     except ConversionError as exc:
-        return "unsupported_mode", str(exc), None
+        return "unsupported_mode", str(exc), None, None
     except UnidentifiedImageError:
-        return "not_an_image", f"not a {'/'.join(IMAGE_FORMATS)} image", None
+        return "not_an_image", f"not a {'/'.join(IMAGE_FORMATS)} image", None, None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         truncated = isinstance(exc, EOFError) or "truncated" in str(exc).lower()
-        return ("truncated" if truncated else "corrupt"), str(exc), None
-    return "", "", (fmt, mode, rgb.shape[1], rgb.shape[0])
+        return ("truncated" if truncated else "corrupt"), str(exc), None, None
+    return "", "", (fmt, mode, rgb.shape[1], rgb.shape[0]), rgb
 
 
-def _inspect(image: SourceImage, now: pd.Timestamp) -> tuple[dict | None, dict | None]:
+# Called with each image that passed the check, its sha256 and its decoded RGB pixels (on the
+# checking thread): how the scorer is handed pixels instead of decoding the file a second time
+# (dala_model.serving.scoring.PixelHandoff).
+Keep = Callable[[SourceImage, str, np.ndarray], None]
+
+
+def _inspect(
+    image: SourceImage, now: pd.Timestamp, keep: Keep | None = None
+) -> tuple[dict | None, dict | None]:
     """Read and check one image: its manifest row, or its quarantine record."""
     file = image.file
     data = storage.read_bytes(file.url)
-    reason, detail, info = check_bytes(data)
+    reason, detail, info, rgb = check_bytes(data)
     if reason:
         record = {"uri": file.url, "reason": reason, "detail": detail, "case_id": image.case_id}
         return None, {**record, "magnification": image.magnification}
     fmt, mode, width, height = info
     sha = hashlib.sha256(data).hexdigest()
+    if keep is not None:
+        keep(image, sha, rgb)
     row = {
         "image_id": sha[:16],
         "sha256": sha,
@@ -322,15 +338,19 @@ def plan_drop(
     )
 
 
-def check_partition(partition: DropPartition, workers: int | None = None) -> CheckedPartition:
+def check_partition(
+    partition: DropPartition, workers: int | None = None, keep: Keep | None = None
+) -> CheckedPartition:
     """Read, hash and check one partition's files (on a cluster worker); writes nothing, so it
-    is safe to run again or twice at once."""
+    is safe to run again or twice at once. ``keep`` is given each checked image's pixels."""
     now = partition.ingested_at
     rows, quarantined = [], []
     workers = workers or default_workers()
     with ThreadPoolExecutor(workers, thread_name_prefix="drop") as pool:
         images = partition.images
-        for row, refused in bounded_map(pool, lambda i: _inspect(i, now), images, 4 * workers):
+        for row, refused in bounded_map(
+            pool, lambda i: _inspect(i, now, keep), images, 4 * workers
+        ):
             if row is not None:
                 rows.append(row)
             else:
@@ -396,13 +416,14 @@ def ingest_drop(
     *,
     magnification: int | None = None,
     workers: int | None = None,
+    keep: Keep | None = None,
 ) -> DropResult:
     """Check every image of ``source`` and update OUT's manifest, quarantine and duplicates.
 
     :func:`plan_drop`, :func:`check_partition` and :func:`commit_drop` in this process, the
-    whole drop one partition read by ``workers`` threads."""
+    whole drop one partition read by ``workers`` threads (``keep``: as for check_partition)."""
     plan = plan_drop(source, layout, magnification=magnification, partition_files=None)
-    checked = [check_partition(p, workers) for p in plan.partitions]
+    checked = [check_partition(p, workers, keep) for p in plan.partitions]
     return commit_drop(plan, checked)
 
 

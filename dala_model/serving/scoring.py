@@ -67,11 +67,14 @@ Three steps, so that a cluster can run the middle one (``flows/inference.py`` wi
   and rebuilds the case table: the single writer of those, run once where the plan was made.
 
 :func:`score_source` (``dala predict``, the flow's default path) runs the three in this
-process, reading and decoding each chunk's files while the model loads and the chunk before
-it is scored (3.5 s against 4.0 s for a 96-image drop in 32-image chunks, 2 cores), loading
-one magnification's model at a time and dropping it before the next (no process cache: a
-later call loads afresh, so an int8 model quantized meanwhile is seen). With a cluster each
-worker measures its own precision and batch size (``precision="auto"``): each
+process. The drop check decodes every file in full anyway, so it hands the pixels to the
+scorer (:class:`PixelHandoff`: resized to the model's input size, keyed by sha256, at most
+:data:`HANDOFF_BYTES` held) instead of the scorer reading, hashing and decoding each file
+again; files beyond that cap are read and decoded for each chunk while the model loads and the
+chunk before it is scored (3.5 s against 4.0 s for a 96-image drop in 32-image chunks, 2
+cores). It loads one magnification's model at a time and drops it before the next (no process
+cache: a later call loads afresh, so an int8 model quantized meanwhile is seen). With a
+cluster each worker measures its own precision and batch size (``precision="auto"``): each
 part's metadata records what wrote it, the magnification's result the first chunk's choice (a
 different one on another chunk is logged).
 
@@ -110,6 +113,7 @@ import pandas as pd
 from dala_model import storage
 from dala_model.data._decode import resize_rgb
 from dala_model.data.ingest import canonical_source
+from dala_model.data.sources import SourceImage
 from dala_model.models.checkpoint import read_model_config
 from dala_model.serving import evaluation
 from dala_model.serving.drop import DropPlan, DropResult, decode_rgb, ingest_drop, plan_drop
@@ -139,6 +143,9 @@ DEFAULT_UNCERTAIN_BAND = 0.1
 EXPLAIN_METHODS = ("gradcam", "gradcam++")  # dala_model.report.explain.METHODS
 EXPLAIN_CLASS = 1  # the malignant class: the map of every explained image
 EXPLAIN_BATCH = 16  # images per Grad-CAM pass (each pass keeps its graph for the backward)
+# score_source's pixel handoff from the drop check to the scorer (PixelHandoff): at most this many
+# bytes of resized pixels, ~1,700 images at 224 px; a drop beyond it decodes the rest again.
+HANDOFF_BYTES = 256 * 2**20
 
 
 @dataclass
@@ -201,6 +208,7 @@ def score_source(
     explain: bool = False,
     explain_method: str = "gradcam",
     uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
+    handoff_bytes: int = HANDOFF_BYTES,
 ) -> ScoringResult:
     """Check, record and score every image of ``source`` under ``out`` (see the module docstring).
 
@@ -215,7 +223,9 @@ def score_source(
     with or without explain then (rows are never rewritten). Needs the ``explain`` extra.
 
     The three steps a cluster runs apart (:func:`plan_scoring`, :func:`run_chunk` per chunk,
-    :func:`finish_scoring`), here in this process, one magnification's model loaded at a time."""
+    :func:`finish_scoring`), here in this process, one magnification's model loaded at a time;
+    the drop check hands the pixels it decoded to the scorer (:class:`PixelHandoff`, at most
+    ``handoff_bytes`` held; 0: every file is read and decoded again to be scored)."""
     plan = plan_scoring(
         source,
         registry,
@@ -232,6 +242,7 @@ def score_source(
         explain=explain,
         explain_method=explain_method,
         uncertain_band=uncertain_band,
+        handoff_bytes=handoff_bytes,
     )
     results, tools = [], None
     # One chunk ahead: while a model loads and while a chunk is scored, the next chunk's files
@@ -244,7 +255,7 @@ def score_source(
             if k >= len(plan.chunks):
                 return None
             chunk = plan.chunks[k]
-            return prefetch.submit(_pixels, chunk.frame(), chunk.job.image_size)
+            return prefetch.submit(_pixels, chunk.frame(), chunk.job.image_size, plan.pixels)
 
         upcoming = decode(0)
         for k, chunk in enumerate(plan.chunks):
@@ -253,6 +264,13 @@ def score_source(
                 tools = load_tools(chunk.job)
             decoded, upcoming = upcoming.result(), decode(k + 1)
             results.append(run_chunk(chunk, tools, decoded=decoded))
+    if plan.pixels is not None:
+        log.info(
+            "pixel handoff: %d images scored from the check's decode, %d beyond its %d MiB cap",
+            plan.pixels.taken,
+            plan.pixels.refused,
+            plan.pixels.max_bytes // 2**20,
+        )
     return finish_scoring(plan, results)
 
 
@@ -326,6 +344,75 @@ def part_key(version: str, hashes: list[str]) -> str:
     return hashlib.sha256("\n".join([version, *hashes]).encode()).hexdigest()[:20]
 
 
+def _nbytes(key: tuple[str, int]) -> int:
+    """Bytes of one held image: ``size x size`` uint8 RGB."""
+    return key[1] * key[1] * 3
+
+
+class PixelHandoff:
+    """Pixels of the images the drop check decoded, resized for their model, keyed by sha256.
+
+    The check must decode every file in full (the only proof all its pixels are there), and the
+    scorer needs the same pixels resized: without this, :func:`score_source` reads, hashes and
+    decodes each file a second time. :meth:`keep` (``drop.check_partition``'s ``keep``, on the
+    checking threads) resizes an image to its magnification's input size, as :func:`_pixels`
+    would, and holds it while the bytes held stay within ``max_bytes``; :meth:`take` hands it
+    to the scorer once and lets it go. Keyed by content, so what is scored is exactly what was
+    checked. Images beyond the cap, or at a magnification no model serves, are not held and are
+    read again as before; ``max_bytes=0`` holds nothing."""
+
+    def __init__(self, sizes: dict[int, int], max_bytes: int = HANDOFF_BYTES) -> None:
+        self.sizes, self.max_bytes = dict(sizes), int(max_bytes)
+        self._held: dict[tuple[str, int], np.ndarray] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.kept = self.taken = self.refused = 0
+
+    def keep(self, image: SourceImage, sha: str, rgb: np.ndarray) -> None:
+        size = self.sizes.get(image.magnification)
+        if size is None:
+            return
+        key = (sha, size)
+        with self._lock:
+            if key in self._held:
+                return  # the same content under another name: held once
+            if self._bytes + _nbytes(key) > self.max_bytes:
+                self.refused += 1
+                return
+            self._held[key] = None  # reserved before the resize, so threads never pass the cap
+            self._bytes += _nbytes(key)
+        try:
+            pixels = resize_rgb(rgb, size)
+        except (OSError, ValueError):  # the scorer reads and decodes this one itself
+            with self._lock:
+                del self._held[key]
+                self._bytes -= _nbytes(key)
+            return
+        with self._lock:
+            self._held[key] = pixels
+            self.kept += 1
+
+    def take(self, sha: str, size: int) -> np.ndarray | None:
+        """The held pixels of ``sha`` at ``size``, handed over once; None if not held."""
+        with self._lock:
+            pixels = self._held.pop((sha, size), None)
+            if pixels is not None:
+                self._bytes -= _nbytes((sha, size))
+                self.taken += 1
+            return pixels
+
+    def retain(self, wanted: set[tuple[str, int]]) -> None:
+        """Let go of everything not in ``wanted`` (images already scored, or not served)."""
+        with self._lock:
+            for key in [k for k, v in self._held.items() if v is not None and k not in wanted]:
+                del self._held[key]
+                self._bytes -= _nbytes(key)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._bytes
+
+
 @dataclass
 class ScoringPlan:
     """A drop checked and recorded, and its pending images cut into chunks (:func:`plan_scoring`).
@@ -344,6 +431,7 @@ class ScoringPlan:
     records: dict[int, RegistryRecord]  # magnification -> the promoted model serving it
     scores: list[MagnificationScore]  # counts before scoring; finish_scoring fills the rest
     chunks: list[Chunk]
+    pixels: PixelHandoff | None = None  # what the drop check decoded for the chunks (this process)
 
 
 def plan_drop_ingest(
@@ -434,6 +522,7 @@ def plan_scoring(
     explain_method: str = "gradcam",
     uncertain_band: float = DEFAULT_UNCERTAIN_BAND,
     drop: DropResult | None = None,
+    handoff_bytes: int = 0,
 ) -> ScoringPlan:
     """Check the request, ingest the drop under ``out`` and cut what is pending into chunks.
 
@@ -441,7 +530,8 @@ def plan_scoring(
     the registry, no promoted model, overwritten weights) comes from here, before any image is
     scored. Arguments as :func:`score_source`; ``drop``: the drop already ingested under ``out``
     (:func:`plan_drop_ingest`, its partitions checked elsewhere, then ``drop.commit_drop``), which
-    is then not ingested again."""
+    is then not ingested again. ``handoff_bytes`` > 0 (with ``drop`` None) keeps up to that many
+    bytes of the check's decoded pixels for this process's scorer (:attr:`ScoringPlan.pixels`)."""
     serving = _check_request(
         registry,
         out,
@@ -455,8 +545,13 @@ def plan_scoring(
         uncertain_band=uncertain_band,
     )
     layout = ScoringLayout(out)
+    pixels = None
     if drop is None:
-        drop = ingest_drop(source, layout, magnification=magnification, workers=workers)
+        if handoff_bytes > 0:
+            sizes = {mag: _input_size(record) for mag, record in serving.items()}
+            pixels = PixelHandoff(sizes, handoff_bytes)
+        keep = pixels.keep if pixels is not None else None
+        drop = ingest_drop(source, layout, magnification=magnification, workers=workers, keep=keep)
     refused = pd.DataFrame(drop.quarantined, columns=["reason", "magnification"])
     asked = {"method": explain_method, "band": uncertain_band} if explain else None
     scores, chunks = [], []
@@ -492,7 +587,7 @@ def plan_scoring(
             record=record,
             magnification=mag,
             threshold=score.threshold,
-            image_size=int(record.config.get("image_size") or card["input_size"]),
+            image_size=_input_size(record, card),
             preset=record.config.get("preset") or card["preset"],
             flow_run_id=flow_run_id,
             device=device,
@@ -504,6 +599,8 @@ def plan_scoring(
             part = pending.iloc[start : start + chunk_size]
             cells = {c: part[c].astype(str).tolist() for c in CHUNK_COLUMNS}
             chunks.append(Chunk(job, index, part_key(version, cells["sha256"]), cells))
+    if pixels is not None:
+        pixels.retain({(sha, c.job.image_size) for c in chunks for sha in c.rows["sha256"]})
     return ScoringPlan(
         source=drop.source,
         registry=registry,
@@ -517,7 +614,15 @@ def plan_scoring(
         records=serving,
         scores=scores,
         chunks=chunks,
+        pixels=pixels,
     )
+
+
+def _input_size(record: RegistryRecord, card: dict | None = None) -> int:
+    """The side, in pixels, that ``record``'s model scores at: its training config's, else the
+    model card's."""
+    size = record.config.get("image_size")
+    return int(size or (card or read_model_config(record.checkpoint_uri))["input_size"])
 
 
 @dataclass
@@ -891,11 +996,17 @@ def _explain_chunk(
     return out
 
 
-def _pixels(chunk: pd.DataFrame, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 NHWC pixels of ``chunk`` and which rows decoded to the content that was checked."""
+def _pixels(
+    chunk: pd.DataFrame, size: int, handoff: PixelHandoff | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 NHWC pixels of ``chunk`` and which rows decoded to the content that was checked:
+    from ``handoff`` where it holds them (that content, by sha256), else read and decoded."""
 
     def one(row: tuple[str, str]) -> np.ndarray | None:
         uri, sha = row
+        held = handoff.take(sha, size) if handoff is not None else None
+        if held is not None:
+            return held
         try:
             data = storage.read_bytes(uri)
             if hashlib.sha256(data).hexdigest() != sha:
