@@ -161,12 +161,15 @@ def test_cpu_suite_quick_predict_cpu_scores_pngs_to_parquet(tmp_path):
     (result,) = payload["entries"]
     _check_entry(result)
     assert result["name"] == "predict-cpu" and result["goal"] == "ratio >= 0.8"
-    assert set(result["reps"]) == {"ours", "infer", "naive"}
+    assert set(result["reps"]) == {"ours", "infer", "naive", "no-handoff"}
     assert result["ratio"] == pytest.approx(result["ours"] / result["reference"])
     assert result["settings"]["images"] == payload["sizes"]["predict_images"]
     extra = result["extra"]
     assert extra["naive_images_per_s"] > 0 and extra["speedup_vs_naive"] == pytest.approx(
         result["ours"] / extra["naive_images_per_s"]
+    )
+    assert extra["no_handoff_images_per_s"] > 0 and extra["handoff_speedup"] == pytest.approx(
+        result["ours"] / extra["no_handoff_images_per_s"]
     )
     assert extra["tuning"]["label"] in result["settings"]["reference"]  # same choice both sides
     assert extra["cpu_capability"] == payload["machine"]["cpu_capability"]
