@@ -30,12 +30,12 @@ for the imbalanced baselines (about 0.789 where the paper prints 0.769 for ViT a
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from imblearn.metrics import geometric_mean_score, make_index_balanced_accuracy
 from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import (
     accuracy_score,
@@ -65,8 +65,17 @@ BOOTSTRAP_METRICS = (
     "f1_weighted",
 )
 
-_iba_squared = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=True)(geometric_mean_score)
-_iba_unsquared = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=False)(geometric_mean_score)
+
+@functools.cache
+def _imblearn() -> tuple:
+    """G-mean and the two IBA forms, imported on first use: importing imbalanced-learn costs a
+    process over a second (it pulls in scikit-learn's estimator machinery and test helpers),
+    which every `dala` command and flow run would pay at start-up to compute no metric."""
+    from imblearn.metrics import geometric_mean_score, make_index_balanced_accuracy
+
+    iba = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=True)(geometric_mean_score)
+    unsquared = make_index_balanced_accuracy(alpha=IBA_ALPHA, squared=False)(geometric_mean_score)
+    return geometric_mean_score, iba, unsquared
 
 
 def _labels(values: Any, name: str) -> np.ndarray:
@@ -122,6 +131,7 @@ def classification_metrics(
     with warnings.catch_warnings():
         # Sensitivity/specificity of an absent class: 0 by the documented convention.
         warnings.simplefilter("ignore", UndefinedMetricWarning)
+        geometric_mean_score, _iba_squared, _iba_unsquared = _imblearn()
         gmean = geometric_mean_score(truth, pred, average="binary", pos_label=1)
         iba = _iba_squared(truth, pred, average="binary", pos_label=1)
         iba_unsquared = _iba_unsquared(truth, pred, average="binary", pos_label=1)

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
-from dala_model import modelcard, runs, storage
+from dala_model import storage
 from dala_model.cli import UsageError
 from dala_model.data.breakhis import check_magnifications
-from dala_model.serving import promotion
+
+if TYPE_CHECKING:
+    from dala_model import modelcard
+    from dala_model.serving import promotion
+
+# The registry, the model card and the run records are imported by the commands that use them:
+# promotion pulls in the metrics (scikit-learn), a second or more of every `dala` command's
+# start-up, `dala --help` included, otherwise.
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def promote(args: argparse.Namespace) -> int:
+    from dala_model import runs
+    from dala_model.serving import promotion
+
     try:
         check_magnifications([args.magnification], what="--magnification")
     except ValueError as error:
@@ -77,6 +88,9 @@ def promote(args: argparse.Namespace) -> int:
 
 
 def current(args: argparse.Namespace) -> int:
+    from dala_model import modelcard
+    from dala_model.serving import promotion
+
     if args.json:
         out = []
         for record in promotion.current_records(args.root):
@@ -94,6 +108,9 @@ def current(args: argparse.Namespace) -> int:
 def print_current(root: str) -> None:
     """One line per served (model, magnification): version, run, validation score, data/code
     version; then each one's model card summary."""
+    from dala_model import modelcard
+    from dala_model.serving import promotion
+
     records = promotion.current_records(root)
     if not records:
         print(
@@ -119,6 +136,8 @@ def print_current(root: str) -> None:
 
 def _card(record: promotion.RegistryRecord) -> tuple[modelcard.ModelCard | None, str | None]:
     """The served checkpoint's card (None: not recorded), or the reason it cannot be read."""
+    from dala_model import modelcard
+
     try:
         return modelcard.read_card(record.checkpoint_uri), None
     except (ValueError, FileNotFoundError, storage.StorageError) as exc:
@@ -127,6 +146,9 @@ def _card(record: promotion.RegistryRecord) -> tuple[modelcard.ModelCard | None,
 
 def _best_run(root: str, model: str, magnification: int) -> str:
     """The complete run of (model, magnification) with the highest validation score."""
+    from dala_model import runs
+    from dala_model.serving import promotion
+
     try:
         folders = runs.list_runs(root)
     except FileNotFoundError:

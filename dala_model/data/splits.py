@@ -43,7 +43,6 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-from sklearn.model_selection import StratifiedGroupKFold
 
 from dala_model import storage
 from dala_model.data.manifest import data_version, read_manifest
@@ -286,6 +285,8 @@ def _patient_kfold(
             f"folds={folds} needs at least {folds} patients of each class; "
             f"found {per_class.to_dict()} (label_id: patients): lower --folds"
         )
+    from sklearn.model_selection import StratifiedGroupKFold  # here: about a second to import
+
     splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
     inner = (fractions[0], fractions[1])
     parts = []

@@ -12,8 +12,6 @@ import random
 
 import numpy as np
 import torch
-from imblearn.over_sampling import RandomOverSampler
-from sklearn.utils.class_weight import compute_class_weight
 
 from dala_model.engine.config import TrainConfig
 
@@ -26,6 +24,10 @@ def epoch_order(labels: np.ndarray, seed: int, epoch: int, imbalance: str) -> np
     rng = np.random.default_rng(epoch_seed(seed, epoch, salt=ORDER_SALT))
     index = np.arange(len(labels))
     if imbalance == "oversample" and len(np.unique(labels)) > 1:
+        # imbalanced-learn and scikit-learn are imported where they are used: over a second of
+        # every training process's start-up otherwise, for runs that never oversample.
+        from imblearn.over_sampling import RandomOverSampler
+
         sampler = RandomOverSampler(random_state=int(rng.integers(2**31 - 1)))
         index, _ = sampler.fit_resample(index.reshape(-1, 1), labels)
         index = index.ravel()
@@ -43,6 +45,8 @@ def class_weights(
     """Balanced loss weights for ``imbalance="class_weight"``; None (plain loss) otherwise."""
     if config.imbalance != "class_weight":
         return None
+    from sklearn.utils.class_weight import compute_class_weight
+
     weights = compute_class_weight("balanced", classes=np.array([0, 1]), y=labels)
     return torch.tensor(weights, dtype=torch.float32, device=device)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import timm
 import torchvision.models as tvm
 from torch import nn
 
@@ -41,6 +40,8 @@ def _torchvision(
 def _timm(
     spec: ModelSpec, arch: str, num_classes: int, pretrained: bool | str, **kwargs: Any
 ) -> nn.Module:
+    import timm  # here, not at import: timm costs every process about 0.5 s it rarely needs
+
     model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
     return finish(model, spec, num_classes, pretrained, {})
 
