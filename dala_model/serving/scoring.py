@@ -640,8 +640,6 @@ def load_tools(job: ScoringJob) -> ChunkTools:
     """Load the promoted model of ``job`` as asked (precision, device), and its explainer."""
     record = job.record
     run = {"device": job.device, "precision": job.precision, "batch_size": job.batch_size}
-    # Grad-CAM hooks the trained modules, which a folded model no longer calls.
-    run["fold"] = job.explain is None
     scorer = load_scorer(job.registry, record, image_size=job.image_size, preset=job.preset, **run)
     metadata = {"dala.precision": scorer.precision, "dala.tuning": scorer.tuning.get("label", "")}
     explainer, explain = None, None
