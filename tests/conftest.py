@@ -8,9 +8,12 @@ endpoint through s3fs, so every storage path is exercised on both backends.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +46,46 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def pytest_unconfigure(config) -> None:
+    """Remove the worker's slot-lock folder (its locks died with the flows that held them)."""
+    slots = os.environ.get("DALA_SLOT_DIR", "")
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.path.basename(slots).startswith("dala-slots-"):
+        shutil.rmtree(slots, ignore_errors=True)
+
+
+# Disk: a training run's folder holds a float checkpoint and a resumable one with its optimizer
+# state, about 400 MB at DALAResNet50's full width, and the suite makes dozens. Kept to the end of
+# the session, as pytest keeps `tmp_path_factory` folders, one suite run wrote 11-19 GB, and CI
+# ran out of disk 22 minutes in (stop 24: "No space left on device"). A passed test's `tmp_path`
+# goes when it ends (`tmp_path_retention_policy = "failed"` in pyproject.toml); a module's shared
+# folders go with the module (`module_tmp`). Whatever a failure touched stays, to read.
+_FAILED_MODULES: set[Path] = set()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        _FAILED_MODULES.add(item.path)
+    return report
+
+
+@pytest.fixture(scope="module")
+def module_tmp(request, tmp_path_factory) -> Iterator[Callable[[str], Path]]:
+    """``tmp_path_factory.mktemp`` for a module's shared fixtures: each folder it made is removed
+    when the module ends with no test, setup or teardown failed (else kept, to read)."""
+    made: list[Path] = []
+
+    def mktemp(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mktemp
+    if request.path not in _FAILED_MODULES:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _free_port() -> int:

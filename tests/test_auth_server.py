@@ -124,9 +124,9 @@ def _request(url: str, auth: str | None = None, header: str | None = None, body=
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(module_tmp):
     """``prefect server start`` with auth on, on a free 127.0.0.1 port."""
-    home = tmp_path_factory.mktemp("auth-server-home")
+    home = module_tmp("auth-server-home")
     port = _free_port()
     auth = f"admin:{secrets.token_urlsafe(24)}"
     env = _clean_env(
@@ -171,8 +171,8 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def flow_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("auth-flow") / "auth_flow.py"
+def flow_file(module_tmp) -> Path:
+    path = module_tmp("auth-flow") / "auth_flow.py"
     path.write_text(FLOW_FILE)
     return path
 

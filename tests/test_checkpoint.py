@@ -117,9 +117,9 @@ def test_save_refuses_an_unknown_preset(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
+def saved(module_tmp) -> Path:
     """One good densenet121 checkpoint; tests copy it and break the copy."""
-    folder = tmp_path_factory.mktemp("good") / "ckpt"
+    folder = module_tmp("good") / "ckpt"
     save_model(build_model("densenet121"), str(folder), preset="paper")
     return folder
 

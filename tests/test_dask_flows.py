@@ -45,9 +45,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def messy_source(tmp_path_factory) -> str:
+def messy_source(module_tmp) -> str:
     """2 slides x 4 magnifications x 2 PNGs, a truncated PNG, a copy in another folder, a README."""
-    source = tmp_path_factory.mktemp("dask") / "source"
+    source = module_tmp("dask") / "source"
     synth.generate(str(source), patients=2, images_per_patient=2, seed=5, size=(96, 64))
     pngs = sorted(source.rglob("*.png"))
     first, other = pngs[0], pngs[-1]
@@ -62,8 +62,8 @@ def messy_source(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def default_ingest(prefect_api, messy_source, tmp_path_factory) -> tuple[str, dict]:
-    root = str(tmp_path_factory.mktemp("default") / "root")
+def default_ingest(prefect_api, messy_source, module_tmp) -> tuple[str, dict]:
+    root = str(module_tmp("default") / "root")
     state = ingest_flow(source=messy_source, root=root, cache_size=SIZE, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

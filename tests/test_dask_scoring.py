@@ -64,9 +64,9 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def registry(tmp_path_factory) -> str:
+def registry(module_tmp) -> str:
     """A training root with 40X and 100X dalaresnet50 runs (one epoch, 32 px), both promoted."""
-    base = tmp_path_factory.mktemp("dask-scoring")
+    base = module_tmp("dask-scoring")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=1, size=(128, 96))
     ingest(source, root, cache_size=SIZE)
@@ -81,9 +81,9 @@ def registry(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def drop(tmp_path_factory) -> str:
+def drop(module_tmp) -> str:
     """3 slides x 4 magnifications x 2 new PNGs (BreakHis names: labelled), and a truncated one."""
-    drop = tmp_path_factory.mktemp("dask-scoring-drop") / "incoming"
+    drop = module_tmp("dask-scoring-drop") / "incoming"
     synth.generate(str(drop), patients=3, images_per_patient=2, seed=9, size=(96, 64))
     first = sorted(drop.rglob("*-40-*.png"))[0]
     first.with_name(first.name.replace(".png", "9.png")).write_bytes(first.read_bytes()[:150])
@@ -91,8 +91,8 @@ def drop(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def default_run(prefect_api, registry, drop, tmp_path_factory) -> tuple[str, dict]:
-    out = str(tmp_path_factory.mktemp("default") / "scored")
+def default_run(prefect_api, registry, drop, module_tmp) -> tuple[str, dict]:
+    out = str(module_tmp("default") / "scored")
     state = inference_flow(root=registry, source=drop, out=out, **SCORING, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()

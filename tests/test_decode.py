@@ -50,8 +50,8 @@ def _fix_crcs(data: bytes) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def synthetic_pngs(tmp_path_factory) -> list[bytes]:
-    out = tmp_path_factory.mktemp("synth")
+def synthetic_pngs(module_tmp) -> list[bytes]:
+    out = module_tmp("synth")
     generate(str(out), patients=2, images_per_patient=1, seed=5, size=(350, 230))
     return [path.read_bytes() for path in sorted(out.rglob("*.png"))]
 

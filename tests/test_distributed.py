@@ -37,9 +37,9 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 @pytest.fixture(scope="module")
-def tiny_root(tmp_path_factory) -> str:
+def tiny_root(module_tmp) -> str:
     """10 patients x 4 images per magnification at 128x96 -> 32 px cache -> patient split."""
-    base = tmp_path_factory.mktemp("ddp")
+    base = module_tmp("ddp")
     generate(str(base / "source"), patients=10, images_per_patient=4, seed=0, size=(128, 96))
     root = str(base / "root")
     ingest(str(base / "source"), root, cache_size=SIZE)
@@ -320,9 +320,9 @@ def test_global_batch_too_small_for_the_ranks_is_refused():
 
 
 @pytest.fixture(scope="module")
-def messy_source(tiny_root, tmp_path_factory) -> str:
+def messy_source(tiny_root, module_tmp) -> str:
     """A copy of the synthetic archive plus a truncated PNG and a byte-identical copy elsewhere."""
-    source = tmp_path_factory.mktemp("messy") / "source"
+    source = module_tmp("messy") / "source"
     shutil.copytree(Path(tiny_root).parent / "source", source)
     pngs = sorted(source.rglob("*.png"))
     first, other = pngs[0], pngs[-1]

@@ -263,9 +263,9 @@ def test_paper_protocol_without_cached_weights_names_the_file(tmp_path, monkeypa
 
 
 @pytest.fixture(scope="module")
-def paper_run(tmp_path_factory):
+def paper_run(module_tmp):
     """One 1-epoch DALAResNet50 run at 64 px under the paper protocol, made through `dala train`."""
-    base = tmp_path_factory.mktemp("explain")
+    base = module_tmp("explain")
     generate(str(base / "source"), patients=12, images_per_patient=4, seed=0, size=(350, 230))
     root = str(base / "root")
     ingest(str(base / "source"), root, cache_size=SIZE)

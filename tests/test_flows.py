@@ -55,8 +55,8 @@ def run_logs(flow_run_id) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, prefect_api) -> dict:
-    base = tmp_path_factory.mktemp("flows")
+def pipeline(module_tmp, prefect_api) -> dict:
+    base = module_tmp("flows")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=3, size=(128, 96))
     # A stale folder of another config under 400X's run id: train() refuses to mix them (RunConflict).

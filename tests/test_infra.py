@@ -290,9 +290,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def prefect_server(tmp_path_factory):
+def prefect_server(module_tmp):
     """A real Prefect server (SQLite in a temporary PREFECT_HOME) on a free port."""
-    home = tmp_path_factory.mktemp("prefect-home")
+    home = module_tmp("prefect-home")
     port = _free_port()
     env = {
         **os.environ,

@@ -33,9 +33,9 @@ def _png(image: Image.Image, fmt: str = "PNG") -> bytes:
 
 
 @pytest.fixture(scope="module")
-def good_tree(tmp_path_factory) -> dict[str, bytes]:
+def good_tree(module_tmp) -> dict[str, bytes]:
     """A small synthetic archive (8 patients x 4 magnifications) as relpath -> bytes."""
-    out = tmp_path_factory.mktemp("synth")
+    out = module_tmp("synth")
     generate(str(out), patients=8, images_per_patient=1, seed=3, size=SIZE)
     return {f.relpath: (out / f.relpath).read_bytes() for f in storage.list_file_infos(str(out))}
 

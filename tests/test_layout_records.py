@@ -163,9 +163,9 @@ def test_an_unknown_key_in_config_json_or_current_json_fails_naming_it(tmp_path)
 
 
 @pytest.fixture(scope="module")
-def trained_root(tmp_path_factory) -> str:
+def trained_root(module_tmp) -> str:
     """One real 40X run (1 epoch, 32 px) on tiny synthetic data."""
-    base = tmp_path_factory.mktemp("records")
+    base = module_tmp("records")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=0, size=(128, 96))
     ingest(source, root, cache_size=32)

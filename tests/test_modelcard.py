@@ -23,9 +23,9 @@ MAG, SIZE = 40, 32
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> dict:
+def run(module_tmp) -> dict:
     """One real 1-epoch 40X run at 32 px on 8 synthetic patients, patient-disjoint split."""
-    base = tmp_path_factory.mktemp("modelcard")
+    base = module_tmp("modelcard")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=0, size=(128, 96))
     ingest(source, root, cache_size=SIZE)

@@ -37,9 +37,9 @@ COLUMNS = {
 
 
 @pytest.fixture(scope="module")
-def trained_root(tmp_path_factory) -> str:
+def trained_root(module_tmp) -> str:
     """A local root with a manifest, a 32 px cache and one complete 40X run (not yet promoted)."""
-    base = tmp_path_factory.mktemp("predictions")
+    base = module_tmp("predictions")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=3, seed=1, size=(128, 96))
     ingest(source, root, cache_size=32)

@@ -21,12 +21,12 @@ from dala_model.serving import promotion
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict:
+def trained(module_tmp) -> dict:
     """Two real 40X runs (seeds 0 and 1) on tiny synthetic data, monitored on validation loss.
 
     Validation loss is continuous, so the two runs differ and one is strictly better.
     """
-    base = tmp_path_factory.mktemp("registry")
+    base = module_tmp("registry")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=0, size=(128, 96))
     ingest(source, root, cache_size=32)

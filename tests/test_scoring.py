@@ -64,9 +64,9 @@ def _bucket(endpoint: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> str:
+def trained(module_tmp) -> str:
     """A local training root with a manifest, a patient split and 40X and 100X runs, promoted."""
-    base = tmp_path_factory.mktemp("scoring")
+    base = module_tmp("scoring")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=1, size=(128, 96))
     ingest(source, root, cache_size=32)

@@ -47,9 +47,9 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> dict:
+def served(module_tmp) -> dict:
     """A registry root with a promoted 40X model, a drop of 8 PNGs, and the model's calls on it."""
-    base = tmp_path_factory.mktemp("scoring-explain")
+    base = module_tmp("scoring-explain")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=2, seed=1, size=(128, 96))
     ingest(source, root, cache_size=SIZE)

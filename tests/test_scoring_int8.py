@@ -34,9 +34,9 @@ CLEAR_MARGIN = 0.05  # float calls this far from the threshold must survive int8
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory) -> tuple[str, str]:
+def served(module_tmp) -> tuple[str, str]:
     """(registry root with a promoted 40X model, a case-folder drop of its 40X images)."""
-    base = tmp_path_factory.mktemp("int8")
+    base = module_tmp("int8")
     mp = pytest.MonkeyPatch()
     mp.setenv("DALA_CACHE_DIR", str(base / "dala-cache"))  # the autotuner's cache: this module's
     source, root = str(base / "source"), str(base / "root")

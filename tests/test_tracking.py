@@ -57,9 +57,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_process(tmp_path_factory):
+def server_process(module_tmp):
     """``mlflow server`` starting in the background (it takes a while: data is made meanwhile)."""
-    base = tmp_path_factory.mktemp("mlflow")
+    base = module_tmp("mlflow")
     port = _free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -98,9 +98,9 @@ def mlflow_server(server_process) -> str:
 
 
 @pytest.fixture(scope="module")
-def root(server_process, tmp_path_factory) -> str:
+def root(server_process, module_tmp) -> str:
     """A tiny synthetic training root (manifest, 32 px cache, patient split)."""
-    base = tmp_path_factory.mktemp("tracking")
+    base = module_tmp("tracking")
     synth.generate(str(base / "source"), patients=8, images_per_patient=2, seed=1, size=(128, 96))
     ingest(str(base / "source"), str(base / "root"), cache_size=SIZE)
     make_split(str(base / "root"), "patient", seed=0)
@@ -310,7 +310,11 @@ def test_models_uri_resolves_to_checkpoints_that_score_like_the_storage_registry
     from dala_model.models.checkpoint import load_model
 
     pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    served = mlflow.pyfunc.load_model("models:/dalaresnet50-40x@champion")
+    # dst_path: without it MLflow downloads the model into a fresh system temp folder it never
+    # removes (about 100 MB per run of this test)
+    served = mlflow.pyfunc.load_model(
+        "models:/dalaresnet50-40x@champion", dst_path=str(tmp_path / "pyfunc")
+    )
     import torch
 
     ours40 = load_model(promotion.current_record(root, "dalaresnet50", 40).checkpoint_uri)

@@ -35,7 +35,7 @@ MAG = 400
 
 
 @pytest.fixture(scope="module")
-def synth_root(tmp_path_factory) -> str:
+def synth_root(module_tmp) -> str:
     """Synthetic BreakHis archive (40 patients) -> manifest + 64px cache + image-level split.
 
     The learning tests use the ``paper`` split: at 64 px only the coarse class cues (nuclear
@@ -43,7 +43,7 @@ def synth_root(tmp_path_factory) -> str:
     generalise them to unseen patients reliably. These tests check that the engine learns; honest
     patient-level accuracy needs full-size runs (see bench/ and the README).
     """
-    base = tmp_path_factory.mktemp("synth")
+    base = module_tmp("synth")
     generate(str(base / "source"), patients=40, images_per_patient=4, seed=0, size=(350, 230))
     root = str(base / "root")
     ingest(str(base / "source"), root, cache_size=SIZE)

@@ -54,10 +54,10 @@ def _env(tmp: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def trained_root(tmp_path_factory) -> str:
+def trained_root(module_tmp) -> str:
     """A local root: 8 patients x 3 images per magnification, 32 px cache, one promoted 40X run
     and the predictions of an uninterrupted batch inference (the reference)."""
-    base = tmp_path_factory.mktemp("flow-faults")
+    base = module_tmp("flow-faults")
     source, root = str(base / "source"), str(base / "root")
     synth.generate(source, patients=8, images_per_patient=3, seed=7, size=(128, 96))
     ingest(source, root, cache_size=32)

@@ -55,9 +55,9 @@ def test_the_hostile_payload_really_executes_when_unpickled(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def small_root(tmp_path_factory, dataset_files) -> str:
+def small_root(module_tmp, dataset_files) -> str:
     """64 synthetic images -> manifest, 32px cache, patient split (local)."""
-    base = tmp_path_factory.mktemp("train")
+    base = module_tmp("train")
     for relpath, data in dataset_files.items():
         storage.write_bytes_atomic(str(base / "source" / relpath), data)
     root = str(base / "root")
