@@ -312,6 +312,7 @@ def test_models_uri_resolves_to_checkpoints_that_score_like_the_storage_registry
     pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
     # dst_path: without it MLflow downloads the model into a fresh system temp folder it never
     # removes (about 100 MB per run of this test)
+    (tmp_path / "pyfunc").mkdir()  # MLflow refuses a destination that does not exist
     served = mlflow.pyfunc.load_model(
         "models:/dalaresnet50-40x@champion", dst_path=str(tmp_path / "pyfunc")
     )
