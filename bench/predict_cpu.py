@@ -10,7 +10,8 @@ repetition scores into a fresh OUT, so nothing is skipped as already scored.
 Besides ours, three rates are timed in the same interleaved rounds (``bench.harness.interleaved``):
 
 - reference (the goal, from issue 12): the engine's own infer-cpu rate, i.e.
-  ``predict_logits`` with the same tuned choice on the same images already decoded to uint8, so
+  ``predict_logits`` with the same tuned choice on the same images already decoded to uint8, the
+  model's BatchNorms folded as the scorer folds them (``fold_batchnorm``), so
   the ratio is the fraction of pure inference speed the whole path keeps; >= 0.8 means decoding
   and I/O overlap or cost little beside compute;
 - naive: a loop that opens each PNG with PIL, converts and resizes it, runs the torchvision eval
@@ -42,7 +43,7 @@ from dala_model.data.cache import resize
 from dala_model.data.ingest import ingest
 from dala_model.data.splits import make_split
 from dala_model.engine.config import TrainConfig
-from dala_model.engine.inference import predict_logits, tuned
+from dala_model.engine.inference import fold_batchnorm, predict_logits, tuned
 from dala_model.engine.train import train
 from dala_model.models.checkpoint import load_model
 from dala_model.models.transforms import eval_transform
@@ -112,9 +113,9 @@ def run(work: Path, files: list[Path], *, size: int, images: int, reps: int) -> 
     source = drop(work, paths)
     outs = work / "predict-out"
     record = promotion.current_record(root, MODEL, MAGNIFICATION)
-    net, kwargs, choice = tuned(
-        load_model(record.checkpoint_uri), model_name=MODEL, image_size=size, device=CPU
-    )
+    served = load_model(record.checkpoint_uri)
+    fold_batchnorm(served)  # the scorer's arithmetic
+    net, kwargs, choice = tuned(served, model_name=MODEL, image_size=size, device=CPU)
     decoded = np.stack([resize(Image.open(p).convert("RGB"), size) for p in paths])
     naive_model = load_model(record.checkpoint_uri)  # fp32 NCHW, as loaded
     (outs / "naive").mkdir(parents=True, exist_ok=True)
@@ -159,7 +160,8 @@ def run(work: Path, files: list[Path], *, size: int, images: int, reps: int) -> 
             "threads": torch.get_num_threads(),
             "ours": "dala_model.serving.scoring.score_source: case-folder drop -> OUT Parquet, "
             "a fresh OUT per repetition",
-            "reference": f"predict_logits with the tuned {choice.label} on pre-decoded uint8",
+            "reference": f"predict_logits with the tuned {choice.label} on pre-decoded uint8, "
+            "BatchNorm folded as the scorer folds it",
             "naive": "PIL decode + resize, eval_transform, model(x[None]) per image, one Parquet",
         },
         reps={k: measured[k] for k in ("ours", "infer", "naive", "no-handoff")},

@@ -121,6 +121,7 @@ def test_explain_writes_heatmaps_for_malignant_and_uncertain_calls_only(served, 
     assert at40.explained == 5 and at40.explain["band"] == band
     assert at40.explain["method"] == "gradcam" and at40.explain["class"] == 1
     assert at40.explain["layer"] == "layer4"
+    assert at40.tuning["batchnorm_folded"] == 53  # folded in place: "layer4" is still hooked
     for part in at40.parts:  # what was asked is in each part's metadata
         assert json.loads(storage.read_parquet(part).attrs["dala.explain"])["band"] == band
 

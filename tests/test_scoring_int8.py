@@ -158,6 +158,7 @@ def test_default_precision_is_the_measured_choice_and_is_recorded(served, tmp_pa
     (at40,) = [m for m in result.magnifications if m.magnification == MAG]
     assert at40.precision in ("fp32", "bf16") and at40.tuning["precision"] == at40.precision
     assert at40.tuning["batch_size"] in (1, 4, 16) and at40.tuning["label"]
+    assert at40.tuning["batchnorm_folded"] == 53  # ResNet50's BatchNorms, each into its conv
     assert storage.read_parquet(at40.parts[0]).attrs["dala.tuning"] == at40.tuning["label"]
 
 

@@ -18,6 +18,10 @@ the record that results and batch reports carry.
   model trained on), and saved beside the float one with its calibration image ids, so the next
   run reuses it. On CUDA it is an error (the int8 kernels are fbgemm/oneDNN CPU kernels); with
   ``device="auto"`` it means the CPU.
+- Float models score with each BatchNorm folded into its convolution, the same function with a
+  pass fewer (:func:`dala_model.engine.inference.fold_batchnorm`; the count is recorded as
+  ``tuning["batchnorm_folded"]``). The module tree keeps its names, so Grad-CAM hooks the served
+  model as it is.
 
 The prediction rows keep the float weights' ``model_version``: the int8 model is a function of
 those weights and the recorded calibration set, and ``precision`` is recorded beside them (part
@@ -41,7 +45,7 @@ from dala_model.data.dataset import decode_pngs, split_frames
 from dala_model.data.manifest import data_version, read_manifest
 from dala_model.device import resolve_device
 from dala_model.engine import quantize
-from dala_model.engine.inference import predict_proba, tuned
+from dala_model.engine.inference import fold_batchnorm, predict_proba, tuned
 from dala_model.models.checkpoint import InvalidCheckpoint, load_model
 from dala_model.serving.promotion import RegistryRecord
 
@@ -111,6 +115,7 @@ def load_scorer(
         tuning |= {"precision": "int8", "channels_last": False, "batch_size": batch}
         return Scorer(model, preset, kwargs, "int8", tuning | {"label": f"int8-nchw-b{batch}"})
     net = load_model(record.checkpoint_uri, map_location=target)
+    folded = fold_batchnorm(net)
     net, kwargs, choice = tuned(
         net,
         model_name=record.model,
@@ -119,7 +124,8 @@ def load_scorer(
         precision=None if precision == "auto" else precision,
         batch_size=batch_size,
     )
-    return Scorer(net, preset, kwargs, choice.precision, choice.record() | {"device": str(target)})
+    tuning = choice.record() | {"device": str(target), "batchnorm_folded": folded}
+    return Scorer(net, preset, kwargs, choice.precision, tuning)
 
 
 def _int8_model(
