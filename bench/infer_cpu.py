@@ -1,7 +1,9 @@
 """infer-cpu, infer-cpu-int8 and scaling: batched inference (``dala_model.engine.inference``) on the CPU.
 
-infer-cpu: "ours" is what the engine itself would run, the autotuned choice
-(``dala_model.engine.autotune.choose``, measured on first use: precision x memory format x batch);
+infer-cpu: "ours" is what the scorer serves: the model with each BatchNorm folded into its
+convolution (``dala_model.engine.inference.fold_batchnorm``, as ``dala_model.serving.scorer``
+does) at the autotuned choice (``dala_model.engine.autotune.choose``, measured on first use:
+precision x memory format x batch);
 it is timed in the same interleaved rounds as every candidate setting at the suite's batch and
 the naive per-image fp32 eager loop (the reference), so each ratio comes from one run. It is put
 against the hardware: the model's FLOPs (``torch.utils.flop_counter``) times images/s as a
@@ -10,7 +12,8 @@ fraction of the measured matmul peak of the best precision the CPU has natively
 
 infer-cpu-int8: the post-training int8 model (``dala_model.engine.quantize``), calibrated on one
 set of images and scored on another, against our best float path (the autotuned choice) in
-interleaved rounds. Its agreement (fraction of identical predicted labels) and ROC-AUC difference
+interleaved rounds (the float side folded as the scorer folds it; the int8 model's own
+quantization folds BatchNorm too). Its agreement (fraction of identical predicted labels) and ROC-AUC difference
 need a model whose predictions depend on the image: the bench has no trained checkpoint, so it
 scores dalaresnet50 after a few Adam steps on the calibration images (:func:`briefly_trained`
 says why untrained weights would not do); the float model's predicted-malignant fraction and
@@ -31,7 +34,7 @@ from torch import nn
 
 from bench.harness import Goal, entry, hardware_fraction, interleaved, median, model_flops, rates
 from dala_model.engine import autotune
-from dala_model.engine.inference import predict_logits
+from dala_model.engine.inference import fold_batchnorm, predict_logits
 from dala_model.engine.quantize import quantize_for_cpu
 from dala_model.models.registry import build_model
 from dala_model.models.transforms import eval_transform, normalize_batch
@@ -66,6 +69,13 @@ def per_image_loop(model: nn.Module, images: np.ndarray) -> None:
             model(transform(torch.from_numpy(image).permute(2, 0, 1)).unsqueeze(0))
 
 
+def served(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the scorer's arithmetic: every BatchNorm folded into its conv."""
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded)
+    return folded
+
+
 def autotuned(model: nn.Module, size: int) -> autotune.Choice:
     return autotune.choose("infer", MODEL, size, CPU, model=model)
 
@@ -81,13 +91,16 @@ def run(
 ) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = build_model(MODEL).eval()
+    ours_model = served(model)
     size, n = images.shape[1], len(images)
-    choice = autotuned(model, size)
-    ours_fn = predictor(model, choice.precision, choice.channels_last, choice.batch_size or batch)
+    choice = autotuned(ours_model, size)
+    ours_fn = predictor(
+        ours_model, choice.precision, choice.channels_last, choice.batch_size or batch
+    )
     fns = {"ours": lambda: ours_fn(images)}
     for precision in autotune.precisions(CPU, "infer"):
         for channels_last in (True, False):
-            score = predictor(model, precision, channels_last, batch)
+            score = predictor(ours_model, precision, channels_last, batch)
             fns[autotune.candidate_label(precision, channels_last)] = lambda s=score: s(images)
     subset = images[:ref_images]
     fns["reference"] = lambda: per_image_loop(model, subset)
@@ -113,7 +126,8 @@ def run(
             "timing": "interleaved rounds: ours, each variant, reference",
             "threads": cores,
             "ours": choice.label,
-            "ours_path": "dala_model.engine.inference.predict_logits with the autotuned choice",
+            "ours_path": "dala_model.engine.inference.predict_logits with the autotuned choice, "
+            "BatchNorm folded as the scorer serves it (the variants too; the reference is not)",
             "reference": "per-image loop: eval_transform + model(x[None]) under no_grad, fp32, NCHW",
         },
         reps={"ours": measured["ours"], "reference": measured["reference"]},
@@ -128,7 +142,7 @@ def run(
             **hardware_fraction(ours, model_flops(model, size)),
         },
     )
-    return [infer, _scaling(model, choice, images, scaling_base, scaling_reps)]
+    return [infer, _scaling(ours_model, choice, images, scaling_base, scaling_reps)]
 
 
 def _scaling(model, choice, images, base: int, reps: int) -> dict[str, Any]:
@@ -201,10 +215,11 @@ def run_int8(
 ) -> dict[str, Any]:
     model = briefly_trained(calibration, calibration_labels, train_steps)
     size = images.shape[1]
-    choice = autotuned(model, size)
+    float_model = served(model)
+    choice = autotuned(float_model, size)
     batch = choice.batch_size or 16
-    quantized = quantize_for_cpu(model, calibration, "paper")
-    float_fn = predictor(model, choice.precision, choice.channels_last, batch)
+    quantized = quantize_for_cpu(model, calibration, "paper")  # folds BatchNorm itself
+    float_fn = predictor(float_model, choice.precision, choice.channels_last, batch)
     int8_fn = predictor(quantized, "fp32", False, batch)  # int8 kernels; no autocast on top
     seconds = interleaved(
         {"int8": lambda: int8_fn(images), "float": lambda: float_fn(images)}, reps
@@ -235,7 +250,8 @@ def run_int8(
             "warmup": 1,
             "timing": "interleaved rounds: int8, float",
             "ours": "int8 (dala_model.engine.quantize.quantize_for_cpu, FX x86 static PTQ)",
-            "reference": f"our best float inference: the autotuned {choice.label}",
+            "reference": f"our best float inference: the autotuned {choice.label}, "
+            "BatchNorm folded as the scorer serves it",
         },
         reps={"ours": measured["int8"], "reference": measured["float"]},
         extra={

@@ -11,7 +11,13 @@ i.e. Pillow only as before ``dala_model.data._decode``, and the same ingest from
 local folder), so each ratio is taken within a round and the decoder's own effect on ingest is
 measured in the same run. The local-folder rate (``extra.local_folder_ratio``) is the embedded
 default's, without the S3 server's CPU time on the same two cores; the headline stays the S3
-one. The third entry, ingest-decoders, compares the PNG decoders ingest could use
+one. The store alone is timed too (``extra.store_get_only_images_per_s``: a fresh process lists
+and GETs the same PNGs with the same threads and decodes nothing). moto serves every GET in
+Python on the same cores the ingest decodes on, so the two cannot overlap once both need every
+core, and the local-folder time plus the store's time bounds what an S3 ingest can reach here
+(``extra.serial_bound_ratio``, of the same round's reference); ``ours_cpu_utilisation`` is the
+ingest process's CPU seconds per wall second (2.0 = both cores busy in that process alone).
+The third entry, ingest-decoders, compares the PNG decoders ingest could use
 (``bench.decoders``).
 """
 
@@ -125,6 +131,7 @@ def run(
     small_runs: list[dict[str, Any]] = []
     pillow_runs: list[dict[str, Any]] = []
     local_runs: list[dict[str, Any]] = []  # the same PNGs from a local folder (make run's case)
+    get_runs: list[dict[str, Any]] = []  # only the store: list and GET, nothing decoded
     with moto_endpoint():
         upload(large, base, "data")
         small_url = f"s3://{BUCKET}/data/small"
@@ -138,6 +145,9 @@ def run(
             local_runs.append(
                 ingest_in_subprocess(str(base / "small"), work / f"local-{k}", workers)
             )
+            get_runs.append(
+                ingest_in_subprocess(small_url, work / f"get-{k}", workers, decoder="get-only")
+            )
         large_run = ingest_in_subprocess(large_url, work / "large", workers)
     for report, expected in [
         *((r, len(small)) for r in small_runs + pillow_runs + local_runs),
@@ -150,6 +160,13 @@ def run(
     ours_rates = [len(small) / r["seconds"] for r in small_runs]
     pillow_rates = [len(small) / r["seconds"] for r in pillow_runs]
     local_rates = [len(small) / r["seconds"] for r in local_runs]
+    get_rates = [len(small) / r["seconds"] for r in get_runs]
+    # Fetching from a store on the same cores and the local-folder ingest's work cannot overlap
+    # once both need every core: their summed times bound the S3 ingest (see the docstring).
+    serial_rates = [
+        len(small) / (g["seconds"] + loc["seconds"])
+        for g, loc in zip(get_runs, local_runs, strict=True)
+    ]
     ours, reference = median(ours_rates), median(ref_rates)
     per_round = lambda a, b: median([x / y for x, y in zip(a, b, strict=True)])  # noqa: E731
     settings = {
@@ -166,7 +183,7 @@ def run(
         "warmup": "none for ours (each rep a fresh process and root); 1 for the reference",
         "decoder": _decode.fast_decoder() or "Pillow only",
         "rounds": "interleaved: reference, ours, ours with Pillow only, ours from a local "
-        "folder; ratios per round",
+        "folder, the store alone (list + GET, nothing decoded); ratios per round",
     }
     small_peak = median([r["peak_rss_mb"] for r in small_runs])
     decoder_entry = compare_decoders(small, work, reps=reps, workers=workers)
@@ -185,11 +202,20 @@ def run(
                 "reference": ref_rates,
                 "pillow_only": pillow_rates,
                 "local_folder": local_rates,
+                "store_get_only": get_rates,
             },
             extra={
                 # No S3 server on the same cores: the embedded default's (make run's) ingest.
                 "local_folder_images_per_s": median(local_rates),
                 "local_folder_ratio": per_round(local_rates, ref_rates),
+                "store_get_only_images_per_s": median(get_rates),
+                "store_get_only_cpu_s_per_image": median(
+                    [r["cpu_seconds"] / len(small) for r in get_runs]
+                ),
+                "serial_bound_ratio": per_round(serial_rates, ref_rates),
+                "ours_cpu_utilisation": median(
+                    [r["cpu_seconds"] / r["seconds"] for r in small_runs]
+                ),
                 "pillow_only_images_per_s": median(pillow_rates),
                 "pillow_only_ratio": per_round(pillow_rates, ref_rates),
                 "speedup_over_pillow_only_ingest": per_round(ours_rates, pillow_rates),
@@ -243,23 +269,35 @@ def _peak_rss_mb() -> float:
 
 
 def _child(source: str, root: str, workers: int, decoder: str) -> None:
+    """One timed run in this fresh interpreter: an ingest (``decoder`` "default" or "pillow"),
+    or with ``decoder="get-only"`` only what the store costs: list ``source`` and read every PNG
+    with the same threads (client set-up included, as an ingest pays it), nothing decoded."""
     import time
 
+    from dala_model import storage
     from dala_model.data.ingest import ingest
 
     if decoder == "pillow":
         _decode._spng_decode = None
 
     baseline = _peak_rss_mb()
-    started = time.perf_counter()
-    result = ingest(source, root, workers=workers)
+    cpu_started, started = time.process_time(), time.perf_counter()
+    if decoder == "get-only":
+        files = storage.list_file_infos(source, (".png",))
+        with ThreadPoolExecutor(workers) as pool:
+            images = sum(1 for _ in pool.map(lambda f: storage.read_bytes(f.url), files))
+        read_rate = 0.0
+    else:
+        result = ingest(source, root, workers=workers)
+        images, read_rate = result.images, result.images_per_s
     seconds = time.perf_counter() - started
     print(
         json.dumps(
             {
-                "images": result.images,
+                "images": images,
                 "seconds": seconds,
-                "read_images_per_s": result.images_per_s,
+                "cpu_seconds": time.process_time() - cpu_started,
+                "read_images_per_s": read_rate,
                 "baseline_rss_mb": baseline,
                 "peak_rss_mb": _peak_rss_mb(),
             }
