@@ -132,7 +132,7 @@ def run(
     cpu = torch.device("cpu")
     torch.manual_seed(0)
     model = build_model(MODEL)
-    choice = autotune.choose("train", MODEL, size, cpu, model=model)
+    choice = autotune.choose("train", MODEL, size, cpu, batch_size=batch, model=model)
     fns = {}
     for precision in autotune.precisions(cpu, "train"):
         for channels_last in (True, False):

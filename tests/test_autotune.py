@@ -85,6 +85,34 @@ def test_first_use_measures_every_candidate_and_later_calls_reuse_the_cache(
     assert again.images_per_s == first.images_per_s
 
 
+def test_training_is_probed_at_the_runs_batch_and_keyed_by_it(tiny_model, _cache, monkeypatch):
+    # The layout's win depends on the batch (1.06x at a batch-4 probe, 1.31x at the run's 32,
+    # under AVX2 kernels): the probe steps use the run's batch, capped at TRAIN_PROBE_BATCH.
+    probed: list[int] = []
+    real_step = autotune._train_step
+
+    def recording_step(model, device, precision, channels_last, batch, size, preset):
+        probed.append(batch)
+        return real_step(model, device, precision, channels_last, batch, size, preset)
+
+    monkeypatch.setattr(autotune, "_train_step", recording_step)
+    at8 = autotune.choose(
+        "train", "tiny-cnn", SIZE, CPU, batch_size=8, model=tiny_model, budget_s=0
+    )
+    assert set(probed) == {8} and len(probed) == 2 * len(autotune.precisions(CPU, "train"))
+    assert at8.batch_size is None  # training's batch is the run's, never chosen here
+    probed.clear()
+    big = autotune.TRAIN_PROBE_BATCH * 2
+    at_big = autotune.choose(
+        "train", "tiny-cnn", SIZE, CPU, batch_size=big, model=tiny_model, budget_s=0
+    )
+    assert set(probed) == {autotune.TRAIN_PROBE_BATCH}
+    assert at_big.key != at8.key and len(list((_cache / "autotune").glob("*.json"))) == 2
+    probed.clear()
+    again = autotune.choose("train", "tiny-cnn", SIZE, CPU, batch_size=8, model=tiny_model)
+    assert again.cached and again.key == at8.key and probed == []
+
+
 def test_a_close_race_keeps_the_reference_choice():
     combos = [("fp32", True), ("fp32", False), ("bf16", False)]
     rates = {"fp32-channels_last": 10.5, "fp32-nchw": 10.0, "bf16-nchw": 10.9}

@@ -15,10 +15,17 @@ each per round, and compared by their median rate, so a burst of load on a share
 hits every candidate alike. A candidate replaces fp32 contiguous (the naive reference's choice,
 and batch 4 for inference) only when it is at least 10% faster (:data:`WIN_MARGIN`).
 
+Training is probed at the run's own batch size (``batch_size=``, at most
+:data:`TRAIN_PROBE_BATCH`), because the layout's win depends on it: under AVX2 kernels on a 2-core
+AMD EPYC (2026-12-04, dalaresnet50 at 224, fp32, interleaved rounds) channels_last trained
+1.20x, 1.11x, 1.13x and 1.54x as fast as NCHW at batch 4, 8, 16 and 32, and a batch-4 probe in
+another run saw 1.06x (under the 10% margin) where the bench's batch-32 rounds then measured
+1.31x, so the engine trained in the slower layout. The batch is part of the cache key.
+
 Cost: one warm-up round plus at least two timed rounds, more until ``budget_s`` (default 8 s on
-CPU, 3 s on CUDA) is spent, at most :data:`MAX_ROUNDS`. Training steps use a batch of at most
-:data:`TRAIN_PROBE_BATCH` images. That is well under a second at 64 px; at 224 px on a 2-core
-AVX2 CPU the minimum rounds alone take about 10-20 s, once per machine: the choice is cached as
+CPU, 3 s on CUDA) is spent, at most :data:`MAX_ROUNDS`. That is a few seconds at 64 px (the quick
+profile); at 224 px and batch 32 on a 2-core AVX2 CPU the minimum rounds take about a minute,
+once per machine and batch, against hours for the training it tunes: the choice is cached as
 JSON under ``$DALA_CACHE_DIR`` (else the platform's user cache directory, ``~/.cache/dala`` on
 Linux), keyed by device kind, CPU capability or GPU name, thread count, torch version, model,
 image size and mode, and written atomically so concurrent first uses never read a torn file.
@@ -49,7 +56,7 @@ from dala_model.models.transforms import normalize_batch
 Mode = Literal["train", "infer"]
 CACHE_VERSION = 1
 MAX_ROUNDS = 6
-TRAIN_PROBE_BATCH = 4
+TRAIN_PROBE_BATCH = 32  # the paper's batch; larger batches are probed at 32
 INFER_BATCHES = (1, 4, 16)
 WIN_MARGIN = 1.10  # a candidate replaces the reference choice only when >= 10% faster
 
@@ -226,7 +233,8 @@ def choose(
     """The fastest (precision, memory format[, CPU inference batch]) for ``model_name`` here.
 
     ``precision``/``channels_last``/``batch_size`` (None or "auto": choose) fix what the caller
-    decided. ``model`` (any weights) is timed if given, else a fresh ``build_model(model_name)``.
+    decided; in training ``batch_size`` is the run's batch, which the probe uses (see the module
+    docstring), not something to choose. ``model`` (any weights) is timed if given, else a fresh ``build_model(model_name)``.
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")

@@ -94,6 +94,7 @@ def tuning(config: TrainConfig, device: torch.device, job: distributed.World) ->
         device,
         precision=config.precision,
         channels_last=config.channels_last,
+        batch_size=config.batch_size,  # probed at the run's batch: the layout's win depends on it
         model=None,
     )
 
