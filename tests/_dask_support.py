@@ -7,12 +7,16 @@ importing any test module (and torch with it through ``flows``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import distributed
+import psutil
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -46,6 +50,28 @@ def kill_worker_at_log(marker: str, logger_name: str, prefix: str) -> distribute
             logging.getLogger(logger_name).removeHandler(self.handler)
 
     return KillOnce()
+
+
+@contextlib.contextmanager
+def one_worker_killed_at_log(
+    cluster, marker: Path, logger_name: str, prefix: str
+) -> Iterator[None]:
+    """Run the block with :func:`kill_worker_at_log` registered on ``cluster`` (two workers);
+    afterwards wait for the nanny to restart the killed worker and check that one of the workers
+    the block started with is gone (so the block really lost a worker mid-run)."""
+    with distributed.Client(cluster, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=60)
+        pids = set(client.run(os.getpid).values())
+        client.register_plugin(
+            kill_worker_at_log(str(marker), logger_name, prefix), name="kill-one-worker"
+        )
+        try:
+            yield
+        finally:
+            client.unregister_worker_plugin("kill-one-worker")
+        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
+    killed = int(marker.read_text())
+    assert killed in pids and not psutil.pid_exists(killed)
 
 
 def task_runs(state, name_prefix: str, expected: int) -> list:

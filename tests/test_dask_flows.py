@@ -11,7 +11,6 @@ record rather than a timer, so the test is deterministic.
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -20,7 +19,6 @@ import dask
 import distributed
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 
 from dala_model import storage
@@ -29,7 +27,7 @@ from dala_model.data.ingest_distributed import ingest_partitions
 from dala_model.data.manifest import duplicates_uri, quarantine_uri, read_manifest
 from flows.ingest import ingest_flow
 from flows.train import train_flow
-from tests._dask_support import kill_worker_at_log, task_runs
+from tests._dask_support import one_worker_killed_at_log, task_runs
 
 SIZE = 32
 # What the two paths may differ in: timing, and how many files each run itself read or reused.
@@ -184,26 +182,14 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
 ):
     default_root, default = default_ingest
     root, marker = str(tmp_path / "root"), tmp_path / "killed-pid"
-    with distributed.Client(cluster, set_as_default=False) as client:
-        client.wait_for_workers(2, timeout=60)
-        pids = set(client.run(os.getpid).values())
-        client.register_plugin(
-            kill_worker_at_log(str(marker), "dala_model.data.ingest", "ingest done"),
-            name="kill-one-partition",
+    with one_worker_killed_at_log(cluster, marker, "dala_model.data.ingest", "ingest done"):
+        state = ingest_flow(
+            source=messy_source,
+            root=root,
+            cache_size=SIZE,
+            dask_address=cluster.scheduler_address,
+            return_state=True,
         )
-        try:
-            state = ingest_flow(
-                source=messy_source,
-                root=root,
-                cache_size=SIZE,
-                dask_address=cluster.scheduler_address,
-                return_state=True,
-            )
-        finally:
-            client.unregister_worker_plugin("kill-one-partition")
-        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
-    killed = int(marker.read_text())
-    assert killed in pids and not psutil.pid_exists(killed)
     assert state.is_completed(), state.message
     assert_same_ingest(root, state.result(), default_root, default)
     partitions = len(ingest_partitions(messy_source))

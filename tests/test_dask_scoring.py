@@ -15,7 +15,6 @@ is deterministic.
 from __future__ import annotations
 
 import itertools
-import os
 import socket
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import dask
 import distributed
 import numpy as np
 import pandas as pd
-import psutil
 import pyarrow.dataset as pads
 import pytest
 import torch
@@ -45,7 +43,7 @@ from dala_model.serving.outputs import (
     read_image_predictions,
 )
 from flows.inference import inference_flow
-from tests._dask_support import kill_worker_at_log, task_runs
+from tests._dask_support import one_worker_killed_at_log, task_runs
 
 MODEL, MAGS, SIZE = "dalaresnet50", (40, 100), 32
 CHUNK = 2
@@ -301,27 +299,15 @@ def test_a_worker_lost_mid_run_loses_and_duplicates_nothing(
 ):
     default_out, default = default_run
     out, marker = str(tmp_path / "scored"), tmp_path / "killed-pid"
-    with distributed.Client(cluster, set_as_default=False) as client:
-        client.wait_for_workers(2, timeout=60)
-        pids = set(client.run(os.getpid).values())
-        client.register_plugin(
-            kill_worker_at_log(str(marker), "dala_model.serving.scoring", "scored "),
-            name="kill-one-chunk",
+    with one_worker_killed_at_log(cluster, marker, "dala_model.serving.scoring", "scored "):
+        state = inference_flow(
+            root=registry,
+            source=drop,
+            out=out,
+            dask_address=cluster.scheduler_address,
+            **SCORING,
+            return_state=True,
         )
-        try:
-            state = inference_flow(
-                root=registry,
-                source=drop,
-                out=out,
-                dask_address=cluster.scheduler_address,
-                **SCORING,
-                return_state=True,
-            )
-        finally:
-            client.unregister_worker_plugin("kill-one-chunk")
-        client.wait_for_workers(2, timeout=60)  # the nanny restarted the killed one
-    killed = int(marker.read_text())
-    assert killed in pids and not psutil.pid_exists(killed)
     assert state.is_completed(), state.message
     # The killed chunk ran again elsewhere and rewrote its own part: every image once, every
     # case complete, the counts the default path's (nothing counted twice).
