@@ -234,7 +234,8 @@ def choose(
 
     ``precision``/``channels_last``/``batch_size`` (None or "auto": choose) fix what the caller
     decided; in training ``batch_size`` is the run's batch, which the probe uses (see the module
-    docstring), not something to choose. ``model`` (any weights) is timed if given, else a fresh ``build_model(model_name)``.
+    docstring), not something to choose. ``model`` (any weights) is timed if given, else a fresh
+    ``build_model(model_name)``.
     """
     if mode not in ("train", "infer"):
         raise ValueError(f"mode must be 'train' or 'infer', got {mode!r}")
