@@ -203,6 +203,7 @@ def test_one_ddp_step_equals_one_full_batch_step(tmp_path):
             opt.step()
             if job.is_main:
                 torch.save(model.state_dict(), {str(tmp_path / "ddp.pt")!r})
+            del step  # as train() does: no DDP wrapper outlives the group (distributed.stop)
             distributed.stop(True)
             """
         )

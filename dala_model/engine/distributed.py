@@ -88,7 +88,12 @@ def start(job: World, device: torch.device) -> bool:
 
 def stop(started: bool) -> None:
     """Leave the process group together: a rank that tears gloo down while another is still
-    sending aborts that one ("terminate called without an active exception")."""
+    sending aborts that one ("terminate called without an active exception").
+
+    Drop every DDP wrapper first (``train`` calls this after ``_train`` has returned, so its
+    wrapper is gone): a wrapper that outlives the group is destroyed at interpreter exit with
+    gloo work still referencing it, which can abort the rank the same way (seen once, in a
+    clean-clone CI run of the one-step equivalence test, whose script kept its wrapper)."""
     if started and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
