@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from scipy.stats import spearmanr
 from sklearn.metrics import roc_auc_score
 
 from bench.infer_cpu import briefly_trained, logit_sqnr_db
@@ -69,15 +70,27 @@ def test_int8_predicts_what_float_predicts_on_held_out_real_images(quantized_cas
         quantized_case["quantized"], pixels, preset="paper", device=CPU, channels_last=False
     )
     # 8-bit weights and activations: the logit keeps at least 20 dB over the quantization noise
-    # (34.5 dB measured here), whatever the model predicts, so the next checks are not trivial.
+    # (34.5-41.5 dB measured here), whatever the model predicts.
     sqnr = logit_sqnr_db(float_logits, int8_logits)
     float_p = torch.softmax(float_logits, 1)[:, 1].numpy()
     int8_p = torch.softmax(int8_logits, 1)[:, 1].numpy()
     agreement = ((float_p > 0.5) == (int8_p > 0.5)).mean()
-    facts = {"sqnr_db": sqnr, "agreement": agreement, "malignant": (float_p > 0.5).mean()}
+    # int8 orders the held-out images as float does. Not "ROC-AUC within 0.05": this briefly
+    # trained model barely ranks them (held-out AUC 0.59-0.75 as the kernels and thread count
+    # vary; its probabilities span about 0.03), so an AUC difference measures int8's reordering
+    # of near-ties, which is what the rank correlation measures directly. Measured (2026-12-04):
+    # Spearman 0.94-0.95 native AVX512, 0.82-0.90 under AVX2 kernels (1 and 2 threads).
+    rank = float(spearmanr(float_p, int8_p).statistic)
+    facts = {
+        "sqnr_db": sqnr,
+        "agreement": agreement,
+        "malignant": (float_p > 0.5).mean(),
+        "spearman": rank,
+        "auc": (roc_auc_score(labels, float_p), roc_auc_score(labels, int8_p)),
+    }
     assert sqnr >= 20, facts
     assert agreement >= 0.95, facts
-    assert abs(roc_auc_score(labels, float_p) - roc_auc_score(labels, int8_p)) < 0.05
+    assert rank >= 0.7, facts
     # It is a different (quantized) network, not the float one under another name.
     assert any("quantized" in type(m).__module__ for m in quantized_case["quantized"].modules())
     # Both memory formats of the input give the same int8 result.
