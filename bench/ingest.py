@@ -150,7 +150,7 @@ def run(
             )
         large_run = ingest_in_subprocess(large_url, work / "large", workers)
     for report, expected in [
-        *((r, len(small)) for r in small_runs + pillow_runs + local_runs),
+        *((r, len(small)) for r in small_runs + pillow_runs + local_runs + get_runs),
         (large_run, len(large)),
     ]:
         if report["images"] != expected:
